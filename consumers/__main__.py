@@ -1,0 +1,67 @@
+"""``python -m consumers CHANNEL``: run one channel's worker until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from consumers.deliveries import DeliveryStore
+from consumers.email import EmailChannel
+from consumers.providers.smtp import SmtpProvider
+from consumers.ratelimit import WindowRateLimiter
+from consumers.runtime import Worker
+from consumers.templates import Renderer
+from herald.db import init_db, make_engine
+from herald.errors import ConfigError, HeraldError
+from herald.logs import setup_logging
+from herald.settings import Settings, load_settings
+
+log = logging.getLogger("herald.worker")
+CHANNELS = ("email",)
+
+
+async def run_channel(settings: Settings, channel: str) -> Worker:
+    """Build and run ``channel``'s worker until a signal stops it; returns it for its stats."""
+    if channel != "email":
+        raise ConfigError(f"no worker for channel {channel!r} yet; available: email")
+    if not settings.smtp_url:
+        raise ConfigError("HERALD_SMTP_URL: not set (herald run starts a local sink for you)")
+    engine = make_engine(settings.database_url)
+    await init_db(engine)
+    provider = SmtpProvider(settings.smtp_url, timeout=settings.smtp_timeout)
+    limiter = WindowRateLimiter({provider.name: settings.email_rate_limit},
+                                namespace=settings.prefix, redis_url=settings.redis_url)
+    store = DeliveryStore(engine, lease=2 * settings.smtp_timeout + 5)
+    handler = EmailChannel(provider, Renderer(settings.templates_dir), limiter, store,
+                           settings.email_from)
+    worker = Worker(settings, handler)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await engine.dispose()
+    log.info("worker stopped: %s", worker.stats)
+    return worker
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python -m consumers email``."""
+    parser = argparse.ArgumentParser(prog="python -m consumers")
+    parser.add_argument("channel", choices=CHANNELS)
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        setup_logging(settings.log_level, f"worker.{args.channel}")
+        asyncio.run(run_channel(settings, args.channel))
+    except HeraldError as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

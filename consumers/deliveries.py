@@ -1,0 +1,103 @@
+"""Delivery records: the idempotency key (event, channel, recipient) and its outcome."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel import col, or_, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from herald.db import session_factory
+from herald.errors import DeliveryInProgress
+from herald.models import Delivery
+
+
+class Claim(enum.Enum):
+    """Result of :meth:`DeliveryStore.claim`."""
+
+    GO = "go"  #: this worker owns the delivery now: send it
+    ALREADY_SENT = "already_sent"  #: a previous attempt sent it: ack and skip
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime:
+    # SQLite hands back naive datetimes even for timezone-aware columns.
+    if value is None:
+        return datetime.min.replace(tzinfo=UTC)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class DeliveryStore:
+    """Claims and records deliveries so that a redelivered message never sends twice."""
+
+    def __init__(self, engine: AsyncEngine, lease: float) -> None:
+        self.sessions: async_sessionmaker[AsyncSession] = session_factory(engine)
+        self.lease = timedelta(seconds=lease)
+
+    async def claim(self, event_id: str, event_type: str, channel: str, recipient: str) -> Claim:
+        """Take the delivery for this worker for ``lease`` seconds.
+
+        Returns ``ALREADY_SENT`` when it was sent before. Raises
+        ``DeliveryInProgress`` (retry after the lease) when another worker
+        holds an unexpired claim: at most one sender at a time per key.
+        """
+        now = _now()
+        async with self.sessions() as session:
+            session.add(Delivery(event_id=event_id, event_type=event_type, channel=channel,
+                                 recipient=recipient, status="sending", attempts=1,
+                                 claimed_until=now + self.lease, updated_at=now))
+            try:
+                await session.commit()
+                return Claim.GO
+            except IntegrityError:
+                await session.rollback()
+            key = (col(Delivery.event_id) == event_id, col(Delivery.channel) == channel,
+                   col(Delivery.recipient) == recipient)
+            result = await session.exec(
+                update(Delivery).where(*key, col(Delivery.status) != "sent",
+                                       or_(col(Delivery.status) != "sending",
+                                           col(Delivery.claimed_until) < now))
+                .values(status="sending", claimed_until=now + self.lease,
+                        attempts=col(Delivery.attempts) + 1, updated_at=now))
+            await session.commit()
+            if result.rowcount == 1:
+                return Claim.GO
+            row = (await session.exec(select(Delivery).where(*key))).one()
+        if row.status == "sent":
+            return Claim.ALREADY_SENT
+        wait = (_aware(row.claimed_until) - now).total_seconds()
+        raise DeliveryInProgress("another worker is sending this delivery",
+                                 retry_after=max(wait, 0.1))
+
+    async def _set(self, event_id: str, channel: str, recipient: str, **values: object) -> None:
+        async with self.sessions() as session:
+            await session.exec(
+                update(Delivery).where(col(Delivery.event_id) == event_id,
+                                       col(Delivery.channel) == channel,
+                                       col(Delivery.recipient) == recipient)
+                .values(updated_at=_now(), **values))
+            await session.commit()
+
+    async def sent(self, event_id: str, channel: str, recipient: str, provider: str) -> None:
+        """Record success (the claim ends)."""
+        await self._set(event_id, channel, recipient, status="sent", provider=provider,
+                        sent_at=_now(), claimed_until=None, last_error=None)
+
+    async def failed(self, event_id: str, channel: str, recipient: str, error: str) -> None:
+        """Record a failed attempt and release the claim so a retry can take it."""
+        await self._set(event_id, channel, recipient, status="failed", claimed_until=None,
+                        last_error=error[:2000])
+
+    async def get(self, event_id: str, channel: str, recipient: str) -> Delivery | None:
+        """The record for that key, if any."""
+        async with self.sessions() as session:
+            return (await session.exec(select(Delivery).where(
+                col(Delivery.event_id) == event_id, col(Delivery.channel) == channel,
+                col(Delivery.recipient) == recipient))).first()

@@ -1,0 +1,81 @@
+"""The email channel: render the event's templates into a multipart email and send it."""
+
+from __future__ import annotations
+
+import logging
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import formatdate
+
+from consumers.deliveries import Claim, DeliveryStore
+from consumers.providers.base import EmailProvider
+from consumers.ratelimit import RateLimiter
+from consumers.templates import Renderer
+from herald.errors import DeliveryFailure, PermanentError
+from topology.envelope import Envelope, Recipient
+
+log = logging.getLogger("herald.email")
+CHANNEL = "email"
+
+
+class EmailChannel:
+    """Delivers an envelope to each recipient's address, once per (event, recipient)."""
+
+    name = CHANNEL
+
+    def __init__(self, provider: EmailProvider, renderer: Renderer, limiter: RateLimiter,
+                 store: DeliveryStore, sender: str) -> None:
+        self.provider = provider
+        self.renderer = renderer
+        self.limiter = limiter
+        self.store = store
+        self.sender = sender
+
+    def compose(self, envelope: Envelope, recipient: Recipient) -> EmailMessage:
+        """The multipart (text + HTML) email; raises ``PermanentError`` if it cannot be built."""
+        context = {
+            "event": envelope, "recipient": recipient, "data": envelope.data,
+            "actor": envelope.actor, "occurred_at": envelope.occurred_at,
+        }
+        subject = self.renderer.render(CHANNEL, envelope.type, "subject", context)
+        text = self.renderer.render(CHANNEL, envelope.type, "txt", context)
+        message = EmailMessage()
+        message["Subject"] = " ".join(subject.split())
+        message["From"] = self.sender
+        try:
+            message["To"] = Address(display_name=recipient.name or "",
+                                    addr_spec=str(recipient.email))
+        except (ValueError, IndexError) as exc:
+            raise PermanentError(f"cannot address {recipient.user_id}: {exc}") from None
+        message["Date"] = formatdate(localtime=False)
+        message["Message-ID"] = f"<{envelope.id}.{recipient.user_id}@herald>"
+        message["X-Herald-Event"] = f"{envelope.type} {envelope.id}"
+        message.set_content(text)
+        if self.renderer.has(CHANNEL, envelope.type, "html"):
+            message.add_alternative(
+                self.renderer.render(CHANNEL, envelope.type, "html", context), subtype="html")
+        return message
+
+    async def deliver(self, envelope: Envelope) -> None:
+        """Send to every recipient not yet sent; raise the first failure after recording it."""
+        for recipient in envelope.recipients:
+            if not recipient.email:
+                log.warning("event %s: recipient %s has no email address; not emailed",
+                            envelope.id, recipient.user_id)
+                continue
+            key = (envelope.id, CHANNEL, recipient.user_id)
+            if await self.store.claim(envelope.id, envelope.type, CHANNEL,
+                                      recipient.user_id) is Claim.ALREADY_SENT:
+                log.info("event %s already emailed to %s; skipped", envelope.id,
+                         recipient.user_id)
+                continue
+            try:
+                message = self.compose(envelope, recipient)
+                await self.limiter.acquire(self.provider.name)
+                await self.provider.send(message)
+            except DeliveryFailure as exc:
+                await self.store.failed(*key, exc.reason)
+                raise
+            await self.store.sent(*key, self.provider.name)
+            log.info("event %s (%s) emailed to %s via %s", envelope.id, envelope.type,
+                     recipient.email, self.provider.name)

@@ -1,0 +1,188 @@
+"""The worker runtime: consume a channel's queue, ack, retry through tiers, dead-letter.
+
+Every message ends in exactly one of: ack after delivery; ack after a
+confirmed publish to a retry tier; ack after a confirmed publish to the DLQ;
+or no ack at all (connection lost, worker killed), so the broker redelivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from pydantic import ValidationError
+
+from consumers.retry import DeadLetter, plan
+from herald.errors import DeliveryFailure, PermanentError, TransientError
+from herald.settings import Settings
+from topology.declare import declare
+from topology.envelope import Envelope
+from topology.messages import build_message
+from topology.spec import (
+    H_ATTEMPT,
+    H_ATTEMPTS_TOTAL,
+    H_FIRST_FAILURE,
+    H_LAST_ERROR,
+    H_REASON,
+    H_ROUTING_KEY,
+    Names,
+    build,
+)
+
+log = logging.getLogger("herald.worker")
+
+
+class ChannelHandler(Protocol):
+    """Delivers one envelope on one channel; raises ``DeliveryFailure`` subclasses."""
+
+    name: str
+
+    async def deliver(self, envelope: Envelope) -> None:
+        """Deliver to every recipient, or raise."""
+
+
+def _int_header(headers: dict[str, Any], name: str) -> int:
+    try:
+        return int(headers.get(name, 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+class Worker:
+    """Consumes ``<prefix>.<channel>`` with bounded concurrency until :meth:`stop`."""
+
+    def __init__(self, settings: Settings, handler: ChannelHandler) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.names = Names(settings.prefix)
+        self._stop = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._retry: AbstractExchange | None = None
+        self._dlx: AbstractExchange | None = None
+        self.ready = asyncio.Event()
+        self.stats = {"delivered": 0, "retried": 0, "dead_lettered": 0}
+
+    def stop(self) -> None:
+        """Stop consuming; :meth:`run` finishes in-flight work and returns."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Connect, declare, consume until stopped, then drain within ``shutdown_timeout``."""
+        connection: AbstractRobustConnection = await aio_pika.connect_robust(
+            self.settings.amqp_url)
+        try:
+            await declare(connection, build(self.settings))
+            channel: AbstractChannel = await connection.channel(
+                publisher_confirms=True, on_return_raises=True)
+            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            self._retry = await channel.get_exchange(self.names.retry)
+            self._dlx = await channel.get_exchange(self.names.dlx)
+            queue: AbstractQueue = await channel.get_queue(self.names.work(self.handler.name))
+            tag = await queue.consume(self._on_message)
+            self.ready.set()
+            log.info("consuming %s (prefetch %d, concurrency %d)", queue.name,
+                     self.settings.prefetch, self.settings.concurrency)
+            await self._stop.wait()
+            with suppress(Exception):
+                await queue.cancel(tag)
+            await self._drain()
+        finally:
+            await connection.close()
+
+    async def _drain(self) -> None:
+        if not self._inflight:
+            return
+        log.info("waiting up to %.0fs for %d in-flight messages", self.settings.shutdown_timeout,
+                 len(self._inflight))
+        _done, pending = await asyncio.wait(self._inflight, timeout=self.settings.shutdown_timeout)
+        for task in pending:
+            task.cancel()  # the handler returns the message to the queue
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._handle(message))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        async with self._slots:
+            try:
+                try:
+                    envelope = Envelope.from_json(message.body)
+                except (ValidationError, ValueError) as exc:
+                    raise PermanentError(f"malformed message: {_short(exc)}") from None
+                await self.handler.deliver(envelope)
+            except asyncio.CancelledError:
+                with suppress(Exception):
+                    await message.nack(requeue=True)
+                raise
+            except DeliveryFailure as exc:
+                await self._settle_failure(message, exc)
+            except Exception as exc:
+                log.exception("unexpected error on message %s", message.message_id)
+                await self._settle_failure(message, TransientError(f"unexpected: {exc!r}"))
+            else:
+                await message.ack()
+                self.stats["delivered"] += 1
+
+    async def _settle_failure(self, message: AbstractIncomingMessage, exc: DeliveryFailure) -> None:
+        headers: dict[str, Any] = dict(message.headers or {})
+        retries = _int_header(headers, H_ATTEMPT)
+        headers.setdefault(H_FIRST_FAILURE, datetime.now(UTC).isoformat())
+        headers.setdefault(H_ROUTING_KEY, message.routing_key or "")
+        headers[H_LAST_ERROR] = exc.reason[:1000]
+        headers[H_ATTEMPTS_TOTAL] = _int_header(headers, H_ATTEMPTS_TOTAL) + 1
+        step = plan(self.settings, retries, exc)
+        channel = self.handler.name
+        try:
+            if isinstance(step, DeadLetter):
+                headers[H_REASON] = step.reason[:1000]
+                assert self._dlx is not None
+                await self._dlx.publish(self._copy(message, headers), routing_key=channel,
+                                        mandatory=True, timeout=10)
+                self.stats["dead_lettered"] += 1
+                log.warning("message %s dead-lettered: %s", message.message_id, step.reason)
+            else:
+                headers[H_ATTEMPT] = step.retries
+                assert self._retry is not None
+                await self._retry.publish(
+                    self._copy(message, headers),
+                    routing_key=self.names.retry_key(channel, step.delay),
+                    mandatory=True, timeout=10)
+                self.stats["retried"] += 1
+                log.info("message %s: retry %d in %.3gs (%s)", message.message_id, step.retries,
+                         step.delay, exc.reason)
+            await message.ack()
+        except Exception:
+            # Not acked: the broker redelivers it (now or when we reconnect).
+            log.exception("could not settle message %s; leaving it to the broker",
+                          message.message_id)
+            with suppress(Exception):
+                await message.nack(requeue=True)
+
+    @staticmethod
+    def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+        headers.pop("x-death", None)
+        headers.pop("x-delivery-count", None)
+        return build_message(message.body, message.message_id or "", message.type or "",
+                             headers)
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        errs = exc.errors()
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errs[:5])
+    return str(exc)[:300]

@@ -1,0 +1,228 @@
+"""One typed ``Settings`` for every herald process, read from ``HERALD_*`` variables.
+
+Build it once with :func:`load_settings` and pass it down; nothing else in the
+tree reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from herald.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$"
+)
+_RATE_SECONDS = {
+    "s": 1.0, "sec": 1.0, "second": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0,
+}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``200ms``, ``1s``, ``2m``, ``1h`` or ``1d`` into seconds; ValueError otherwise."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"invalid duration {text!r} (write it like 200ms, 1s, 5m, 1h)")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be greater than zero")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling of a duration (``0.2`` → ``200ms``, ``60`` → ``1m``)."""
+    ms = round(seconds * 1000)
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+class Rate:
+    """A rate cap such as ``25/s``: ``limit`` events per ``period`` seconds."""
+
+    def __init__(self, limit: int, period: float) -> None:
+        self.limit = limit
+        self.period = period
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """Parse ``25/s``, ``1500/min`` or ``10/h``; raise ValueError otherwise."""
+        match = _RATE.match(text)
+        if not match:
+            raise ValueError(f"invalid rate {text!r} (write it like 25/s or 1500/min)")
+        value = float(match.group(1))
+        if value <= 0 or value != int(value):
+            raise ValueError(f"rate {text!r} needs a whole number of messages above zero")
+        return cls(int(value), _RATE_SECONDS[match.group(2)])
+
+    @property
+    def per_second(self) -> float:
+        """Messages per second."""
+        return self.limit / self.period
+
+    def __str__(self) -> str:
+        period = format_duration(self.period)
+        if period[:1] == "1" and period[1:2].isalpha():
+            period = period[1:]  # 25/s rather than 25/1s
+        return f"{self.limit}/{period}"
+
+    def __repr__(self) -> str:
+        return f"Rate({self})"
+
+
+def _delays(value: Any) -> Any:
+    if isinstance(value, str):
+        parts = [p for p in value.split(",") if p.strip()]
+        if not parts:
+            raise ValueError("give at least one delay, e.g. 1s,2s,4s")
+        return [parse_duration(p) for p in parts]
+    return value
+
+
+def _rate(value: Any) -> Any:
+    return Rate.parse(value) if isinstance(value, str) else value
+
+
+def _database_url(url: str) -> str:
+    """Map the URL a user writes to the async driver SQLAlchemy needs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a URL: {url!r} (e.g. sqlite:///var/herald.db)")
+    base = scheme.split("+", 1)[0]
+    if base == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    if base in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    raise ValueError(f"unsupported database {scheme!r}: use sqlite:/// or postgresql://")
+
+
+def _smtp_url(url: str | None) -> str | None:
+    if url is None or url == "":
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("smtp", "smtps", "smtp+starttls"):
+        raise ValueError(f"scheme must be smtp, smtps or smtp+starttls, not {parts.scheme!r}")
+    if not parts.hostname:
+        raise ValueError("needs a host, e.g. smtp://user:pass@smtp.example.com:587")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"bad port in SMTP URL: {exc}") from None
+    return url
+
+
+def _amqp_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError("must look like amqp://user:pass@host:5672/vhost")
+    return url
+
+
+def _prefix(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", value):
+        raise ValueError("letters, digits, '.', '-', '_' only (at most 64)")
+    return value
+
+
+Delays = Annotated[list[float], NoDecode, BeforeValidator(_delays)]
+RateSetting = Annotated[Rate, NoDecode, BeforeValidator(_rate)]
+
+
+def default_delays() -> list[float]:
+    """1s doubling, one per retry: 1s, 2s, 4s … 512s for the default max_retry of 10."""
+    return [float(2**i) for i in range(10)]
+
+
+class Settings(BaseSettings):
+    """Every knob herald has. Environment variables are ``HERALD_`` + the field name."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HERALD_",
+        env_file=".env",
+        extra="ignore",
+        arbitrary_types_allowed=True,
+    )
+
+    amqp_url: Annotated[str, AfterValidator(_amqp_url)] = "amqp://guest:guest@localhost:5672/"
+    database_url: str = "sqlite:///var/herald.db"
+    prefix: Annotated[str, AfterValidator(_prefix)] = "herald"
+    max_retry: int = Field(default=10, ge=0, le=1000)
+    retry_delays: Delays = Field(default_factory=default_delays)
+    delivery_limit: int = Field(default=5, ge=1, le=1000)
+
+    smtp_url: Annotated[str | None, AfterValidator(_smtp_url)] = None
+    smtp_timeout: Annotated[float, NoDecode, BeforeValidator(
+        lambda v: parse_duration(v) if isinstance(v, str) else v)] = 10.0
+    email_from: str = "herald <no-reply@herald.local>"
+    email_rate_limit: RateSetting = Field(default_factory=lambda: Rate(25, 1.0))
+    redis_url: str | None = None
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    prefetch: int = Field(default=10, ge=1, le=10_000)
+    concurrency: int = Field(default=10, ge=1, le=10_000)
+    shutdown_timeout: Annotated[float, NoDecode, BeforeValidator(
+        lambda v: parse_duration(v) if isinstance(v, str) else v)] = 10.0
+    relay_interval: Annotated[float, NoDecode, BeforeValidator(
+        lambda v: parse_duration(v) if isinstance(v, str) else v)] = 0.2
+    relay_batch: int = Field(default=100, ge=1, le=10_000)
+
+    templates_dir: Path = REPO_ROOT / "templates"
+    mail_dir: Path = Path("var/mail")
+    mailsink_port: int = Field(default=1025, ge=1, le=65535)
+    log_level: str = "INFO"
+    sentry_dsn: str | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        return _database_url(value)
+
+    def retry_delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based); the last delay repeats."""
+        return self.retry_delays[min(retry, len(self.retry_delays)) - 1]
+
+    def tier_delays(self) -> list[float]:
+        """The distinct delays used by retries 1..max_retry, in order (never empty).
+
+        The first delay is always there: a rate-limited message waits in a
+        tier even when ``max_retry`` is 0.
+        """
+        seen: list[float] = [self.retry_delay(1)]
+        for retry in range(1, self.max_retry + 1):
+            delay = self.retry_delay(retry)
+            if delay not in seen:
+                seen.append(delay)
+        return seen
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment (and ``overrides``).
+
+    Raises:
+        ConfigError: one line naming the first invalid ``HERALD_`` variable.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"HERALD_{field.upper()}: {msg}") from None

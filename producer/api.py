@@ -1,0 +1,142 @@
+"""The HTTP API: the seed's routes. It writes rows and outbox events, never calls the broker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from herald.db import init_db, make_engine, session_factory
+from herald.logs import setup_logging
+from herald.models import User
+from herald.settings import Settings, load_settings
+from producer.outbox import add_event
+from producer.passwords import hash_password, verify_password
+from producer.schemas import EventAccepted, LoginIn, SignupIn, UserPublic
+from topology.envelope import Actor, Envelope, Recipient
+
+log = logging.getLogger("herald.api")
+
+
+def _sessions(request: Request) -> async_sessionmaker[AsyncSession]:
+    factory: async_sessionmaker[AsyncSession] = request.app.state.sessions
+    return factory
+
+
+SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(_sessions)]
+
+
+def _recipient(user: User) -> Recipient:
+    return Recipient(user_id=user.id, email=user.email, name=user.name)
+
+
+def _public(user: User) -> UserPublic:
+    return UserPublic(id=user.id, email=user.email, name=user.name)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The API bound to ``settings`` (database created on start-up if missing)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        await init_db(engine)
+        app.state.sessions = session_factory(engine)
+        yield
+        await engine.dispose()
+
+    app = FastAPI(
+        title="herald",
+        summary="Raise events; herald notifies by email, in-app, push and SMS.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI echoes the offending input; that would send passwords back
+        # (and into any log of responses), so only the field and reason go out.
+        detail = [
+            {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+            for err in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.post("/signup", status_code=status.HTTP_201_CREATED, tags=["events"],
+              responses={409: {"description": "email already registered"}})
+    async def signup(body: SignupIn, sessions: SessionsDep) -> EventAccepted:
+        """Create an account and raise ``user.signup`` (a welcome email), in one transaction."""
+        password_hash = await run_in_threadpool(hash_password, body.password)
+        user = User(email=body.email, name=body.name, password_hash=password_hash)
+        envelope = Envelope(
+            type="user.signup",
+            actor=Actor(id=user.id, name=user.name),
+            recipients=[_recipient(user)],
+            data={"name": user.name},
+        )
+        try:
+            async with sessions() as session, session.begin():
+                taken = await session.exec(select(User.id).where(User.email == body.email))
+                if taken.first() is not None:
+                    raise HTTPException(status.HTTP_409_CONFLICT, "email already registered")
+                session.add(user)
+                add_event(session, envelope)
+        except IntegrityError:
+            raise HTTPException(status.HTTP_409_CONFLICT, "email already registered") from None
+        log.info("signup user=%s event=%s", user.id, envelope.id)
+        return EventAccepted(user=_public(user), event_id=envelope.id)
+
+    @app.post("/login", tags=["events"],
+              responses={401: {"description": "unknown email or wrong password"}})
+    async def login(body: LoginIn, request: Request, sessions: SessionsDep) -> EventAccepted:
+        """Check credentials and raise ``user.login`` (email, in-app and opt-in SMS)."""
+        async with sessions() as session:
+            user = (await session.exec(select(User).where(User.email == body.email))).first()
+        ok = await run_in_threadpool(
+            verify_password, user.password_hash if user else None, body.password
+        )
+        if user is None or not ok:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid email or password",
+                                headers={"WWW-Authenticate": "Bearer"})
+        envelope = Envelope(
+            type="user.login",
+            actor=Actor(id=user.id, name=user.name),
+            recipients=[_recipient(user)],
+            data={
+                "name": user.name,
+                "ip": request.client.host if request.client else None,
+                "user_agent": request.headers.get("user-agent"),
+            },
+        )
+        async with sessions() as session, session.begin():
+            add_event(session, envelope)
+        return EventAccepted(user=_public(user), event_id=envelope.id)
+
+    return app
+
+
+def main() -> None:
+    """Run the API with uvicorn (``python -m producer.api``)."""
+    settings = load_settings()
+    setup_logging(settings.log_level, "api")
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
+                log_level=settings.log_level.lower(), access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The contract between producer and consumers: names, envelope, declaration."""

@@ -1,0 +1,72 @@
+"""The event envelope: the one wire format between producer and consumers."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+
+from topology.spec import EVENT_TYPES
+
+ENVELOPE_VERSION = 1
+CONTENT_TYPE = "application/json"
+
+
+class Actor(BaseModel):
+    """Who caused the event (a user id, or a service name for integrations)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str | None = None
+
+
+class Recipient(BaseModel):
+    """Someone the event may notify, with the contact details the channels need."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str
+    email: EmailStr | None = None
+    name: str | None = None
+    phone: str | None = None
+    locale: str = "en"
+
+
+class Envelope(BaseModel):
+    """An event as it travels on the broker (JSON body, ``message_id`` = ``id``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    type: str
+    occurred_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    actor: Actor
+    recipients: list[Recipient] = Field(min_length=1)
+    data: dict[str, Any] = Field(default_factory=dict)
+    version: int = ENVELOPE_VERSION
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {value!r}; known: {', '.join(EVENT_TYPES)}")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _supported_version(cls, value: int) -> int:
+        if value != ENVELOPE_VERSION:
+            raise ValueError(f"unsupported envelope version {value} (this herald reads 1)")
+        return value
+
+    def to_json(self) -> bytes:
+        """The body published on the broker."""
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_json(cls, body: bytes) -> Envelope:
+        """Parse a message body; raises ``pydantic.ValidationError`` when malformed."""
+        return cls.model_validate_json(body)

@@ -1,0 +1,154 @@
+"""The declarative topology: every exchange, queue, binding and argument herald uses.
+
+One source of names (like dramatiq's ``dq_name``/``xq_name``): producers and
+consumers ask this module for names and never spell them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from herald.settings import Settings, format_duration
+
+CHANNELS: tuple[str, ...] = ("email", "in_app", "push", "sms")
+
+#: routing key → channels it reaches (the seed's table, ARCHITECTURE.md).
+#: SMS on login is opt-in per user; the queue gets the event, the decision
+#: engine says no unless the user asked for it.
+ROUTES: dict[str, tuple[str, ...]] = {
+    "user.signup": ("email",),
+    "user.login": ("email", "in_app", "sms"),
+    "user.post": ("in_app", "push"),
+    "user.send_req": ("push",),
+}
+EVENT_TYPES: tuple[str, ...] = tuple(ROUTES)
+
+#: Header names the worker writes; the DLQ tools read them.
+H_ATTEMPT = "x-herald-retries"
+H_LAST_ERROR = "x-herald-last-error"
+H_FIRST_FAILURE = "x-herald-first-failure"
+H_ROUTING_KEY = "x-herald-routing-key"
+H_REASON = "x-herald-reason"
+H_ATTEMPTS_TOTAL = "x-herald-attempts"
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    """An exchange to declare."""
+
+    name: str
+    type: str  # "topic" | "direct"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A durable queue and the arguments it must have."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BindingSpec:
+    """``queue`` receives from ``exchange`` what is published with ``routing_key``."""
+
+    exchange: str
+    queue: str
+    routing_key: str
+
+
+class Names:
+    """Every name under one prefix. ``Names("herald").work("email")`` → ``herald.email``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    @property
+    def events(self) -> str:
+        """The topic exchange producers publish to."""
+        return f"{self.prefix}.events"
+
+    @property
+    def retry(self) -> str:
+        """The direct exchange of the retry tiers."""
+        return f"{self.prefix}.retry"
+
+    @property
+    def dlx(self) -> str:
+        """The direct exchange of the dead-letter queues."""
+        return f"{self.prefix}.dlx"
+
+    def work(self, channel: str) -> str:
+        """The channel's work queue."""
+        return f"{self.prefix}.{channel}"
+
+    def retry_queue(self, channel: str, delay: float) -> str:
+        """The channel's retry tier that holds messages for ``delay`` seconds."""
+        return f"{self.prefix}.{channel}.retry.{format_duration(delay)}"
+
+    def retry_key(self, channel: str, delay: float) -> str:
+        """Routing key on the retry exchange for that tier."""
+        return f"{channel}.{format_duration(delay)}"
+
+    def dlq(self, channel: str) -> str:
+        """The channel's dead-letter queue."""
+        return f"{self.prefix}.{channel}.dlq"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """All objects for one prefix, in declaration order."""
+
+    names: Names
+    exchanges: list[ExchangeSpec]
+    queues: list[QueueSpec]
+    bindings: list[BindingSpec]
+
+
+def channels_for(routing_key: str) -> tuple[str, ...]:
+    """Channels that a routing key reaches (empty when unknown)."""
+    return ROUTES.get(routing_key, ())
+
+
+def build(settings: Settings) -> Topology:
+    """The full topology for ``settings`` (prefix, retry delays, delivery limit)."""
+    n = Names(settings.prefix)
+    exchanges = [
+        ExchangeSpec(n.events, "topic"),
+        ExchangeSpec(n.retry, "direct"),
+        ExchangeSpec(n.dlx, "direct"),
+    ]
+    queues: list[QueueSpec] = []
+    bindings: list[BindingSpec] = []
+    for channel in CHANNELS:
+        # Quorum work queue: a message that keeps killing its worker is
+        # dead-lettered after delivery_limit deliveries instead of looping;
+        # at-least-once dead-lettering needs reject-publish overflow.
+        queues.append(QueueSpec(n.work(channel), {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": settings.delivery_limit,
+            "x-dead-letter-exchange": n.dlx,
+            "x-dead-letter-routing-key": channel,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }))
+        queues.append(QueueSpec(n.dlq(channel), {"x-queue-type": "quorum"}))
+        bindings.append(BindingSpec(n.dlx, n.dlq(channel), channel))
+        for key, targets in ROUTES.items():
+            if channel in targets:
+                bindings.append(BindingSpec(n.events, n.work(channel), key))
+        for delay in settings.tier_delays():
+            # Classic queue with one fixed TTL: classic queues expire only at
+            # the head, so mixing TTLs in one queue would stall short ones.
+            # Expired messages go through the default exchange straight back
+            # to this channel's work queue, never through the topic exchange.
+            queues.append(QueueSpec(n.retry_queue(channel, delay), {
+                "x-queue-type": "classic",
+                "x-message-ttl": round(delay * 1000),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": n.work(channel),
+            }))
+            bindings.append(BindingSpec(n.retry, n.retry_queue(channel, delay),
+                                        n.retry_key(channel, delay)))
+    return Topology(n, exchanges, queues, bindings)
