@@ -30,8 +30,9 @@ def plan(
 
     Permanent errors skip the ladder. A deferral (rate limit, a delivery
     another worker holds) waits at least its ``retry_after`` without using
-    up a retry. Otherwise retry number ``retries_done + 1`` waits ``retry_delays[retries_done]`` (the last delay
-    repeats), until ``max_retry`` retries are spent.
+    up a retry. Otherwise retry number ``retries_done + 1`` waits
+    ``retry_delays[retries_done]`` (the last delay repeats), until
+    ``max_retry`` retries are spent.
     """
     if isinstance(error, PermanentError):
         return DeadLetter(f"permanent: {error.reason}")

@@ -135,7 +135,7 @@ def main() -> None:
     settings = load_settings()
     setup_logging(settings.log_level, "api")
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
-                log_level=settings.log_level.lower(), access_log=False)
+                log_level=settings.log_level.lower(), access_log=False, log_config=None)
 
 
 if __name__ == "__main__":
