@@ -8,6 +8,8 @@ import logging
 import signal
 import sys
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from consumers.deliveries import DeliveryStore
 from consumers.email import EmailChannel
 from consumers.providers.smtp import SmtpProvider
@@ -23,10 +25,8 @@ log = logging.getLogger("herald.worker")
 CHANNELS = ("email",)
 
 
-async def run_channel(settings: Settings, channel: str) -> Worker:
-    """Build and run ``channel``'s worker until a signal stops it; returns it for its stats."""
-    if channel != "email":
-        raise ConfigError(f"no worker for channel {channel!r} yet; available: email")
+async def build_email_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
+    """The email worker for ``settings`` and the engine it records deliveries with."""
     if not settings.smtp_url:
         raise ConfigError("HERALD_SMTP_URL: not set (herald run starts a local sink for you)")
     engine = make_engine(settings.database_url)
@@ -37,7 +37,14 @@ async def run_channel(settings: Settings, channel: str) -> Worker:
     store = DeliveryStore(engine, lease=2 * settings.smtp_timeout + 5)
     handler = EmailChannel(provider, Renderer(settings.templates_dir), limiter, store,
                            settings.email_from)
-    worker = Worker(settings, handler)
+    return Worker(settings, handler), engine
+
+
+async def run_channel(settings: Settings, channel: str) -> Worker:
+    """Build and run ``channel``'s worker until a signal stops it; returns it for its stats."""
+    if channel != "email":
+        raise ConfigError(f"no worker for channel {channel!r} yet; available: email")
+    worker, engine = await build_email_worker(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

@@ -1,0 +1,59 @@
+"""Run herald's parts in-process for tests: API client, relay, email worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+
+from consumers.__main__ import build_email_worker
+from consumers.runtime import Worker
+from herald.db import init_db, make_engine
+from herald.settings import Settings
+from producer.api import create_app
+from producer.relay import Relay
+
+
+@asynccontextmanager
+async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client wired to the API app, with its lifespan running."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://herald") as client:
+            yield client
+
+
+@asynccontextmanager
+async def relay(settings: Settings) -> AsyncIterator[Relay]:
+    """The outbox relay running in the background."""
+    engine = make_engine(settings.database_url)
+    await init_db(engine)
+    r = Relay(settings, engine)
+    task = asyncio.create_task(r.run())
+    try:
+        yield r
+    finally:
+        r.stop()
+        await asyncio.wait_for(task, 10)
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def email_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """The email worker consuming in the background (ready when entered)."""
+    worker, engine = await build_email_worker(settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        ready = asyncio.create_task(worker.ready.wait())
+        done, _ = await asyncio.wait({ready, task}, timeout=15, return_when="FIRST_COMPLETED")
+        if task in done:
+            task.result()  # raise what stopped it
+        assert worker.ready.is_set(), "worker did not start consuming"
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, settings.shutdown_timeout + 10)
+        await engine.dispose()
