@@ -13,12 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from consumers.deliveries import DeliveryStore
 from consumers.email import EmailChannel
 from consumers.providers.smtp import SmtpProvider
-from consumers.ratelimit import WindowRateLimiter
+from consumers.ratelimit import TokenBucketLimiter
 from consumers.runtime import Worker
 from consumers.templates import Renderer
 from herald.db import init_db, make_engine
 from herald.errors import ConfigError, HeraldError
-from herald.logs import setup_logging
+from herald.logs import setup_logging, setup_sentry
 from herald.settings import Settings, load_settings
 
 log = logging.getLogger("herald.worker")
@@ -32,7 +32,7 @@ async def build_email_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     engine = make_engine(settings.database_url)
     await init_db(engine)
     provider = SmtpProvider(settings.smtp_url, timeout=settings.smtp_timeout)
-    limiter = WindowRateLimiter({provider.name: settings.email_rate_limit},
+    limiter = TokenBucketLimiter({provider.name: settings.email_rate_limit},
                                 namespace=settings.prefix, redis_url=settings.redis_url)
     store = DeliveryStore(engine, lease=2 * settings.smtp_timeout + 5)
     handler = EmailChannel(provider, Renderer(settings.templates_dir), limiter, store,
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = load_settings()
         setup_logging(settings.log_level, f"worker.{args.channel}")
+        setup_sentry(settings.sentry_dsn, f"worker.{args.channel}")
         asyncio.run(run_channel(settings, args.channel))
     except HeraldError as exc:
         print(f"herald: {exc}", file=sys.stderr)

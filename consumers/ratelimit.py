@@ -1,27 +1,27 @@
-"""Provider rate caps: a moving-window limit per provider, shared through Redis if configured.
+"""Provider rate caps: one token bucket per provider, shared through Redis if configured.
 
-Built on the ``limits`` library (moving window, so no one-second window ever
-holds more than the cap). Without ``HERALD_REDIS_URL`` the window lives in
-process memory and each worker process has its own: run one worker process
-per provider cap, or set Redis.
+Built on ``throttled-py``'s GCRA limiter (a token bucket with a burst of 1):
+grants are spaced evenly, one every ``period / limit`` seconds, so no
+one-second window holds more than the cap and sends do not bunch up at the
+start of a window (a moving window lets all 25 go at once; provider-side
+jitter then pushes some into the next second). Without ``HERALD_REDIS_URL``
+the bucket lives in process memory and each worker process has its own; with
+it every process on every machine shares one bucket per provider (Redis's
+clock decides, so machine clocks need not agree).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Protocol
 
-from limits import (
-    RateLimitItem,
-    RateLimitItemPerHour,
-    RateLimitItemPerMinute,
-    RateLimitItemPerSecond,
-)
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from throttled.asyncio import MemoryStore, RateLimiterType, RedisStore, Throttled, per_duration
 
 from herald.settings import Rate
+
+_MAX_SLEEP = 1.0  # re-check at least this often, so a pause or a freed slot is seen
 
 
 class RateLimiter(Protocol):
@@ -34,41 +34,39 @@ class RateLimiter(Protocol):
         """Hold every sender of ``provider`` back for ``seconds`` (a 429 / Retry-After)."""
 
 
-def _item(rate: Rate) -> RateLimitItem:
-    for cls, size in ((RateLimitItemPerHour, 3600), (RateLimitItemPerMinute, 60),
-                      (RateLimitItemPerSecond, 1)):
-        if rate.period % size == 0:
-            return cls(rate.limit, int(rate.period // size))
-    raise ValueError(f"unsupported rate period {rate.period}s")
-
-
-class WindowRateLimiter:
-    """``RateLimiter`` over ``limits``' moving window (memory, or Redis when a URL is given)."""
+class TokenBucketLimiter:
+    """``RateLimiter`` with one even-paced bucket per provider (memory, or Redis)."""
 
     def __init__(self, rates: dict[str, Rate], namespace: str, redis_url: str | None = None):
-        self._items = {name: _item(rate) for name, rate in rates.items()}
+        store = RedisStore(server=redis_url) if redis_url else MemoryStore()
+        self._buckets = {
+            name: Throttled(
+                using=RateLimiterType.GCRA.value,
+                quota=per_duration(timedelta(seconds=rate.period), rate.limit, burst=1),
+                store=store,
+            )
+            for name, rate in rates.items()
+        }
         self._namespace = namespace
-        self.storage: Storage
-        if redis_url:
-            scheme, _, rest = redis_url.partition("://")
-            self.storage = RedisStorage(f"async+{scheme}://{rest}", implementation="coredis")
-        else:
-            self.storage = MemoryStorage()
-        self._limiter = MovingWindowRateLimiter(self.storage)
         self._paused_until: dict[str, float] = {}
 
+    def _key(self, provider: str) -> str:
+        return f"herald:{self._namespace}:rate:{provider}"
+
     async def acquire(self, provider: str) -> None:
-        """Take a slot in ``provider``'s window; sleeps until one frees up."""
-        item = self._items.get(provider)
+        """Take the next slot in ``provider``'s bucket; sleeps until it is due."""
+        bucket = self._buckets.get(provider)
         while True:
             hold = self._paused_until.get(provider, 0.0) - time.monotonic()
             if hold > 0:
-                await asyncio.sleep(hold)
+                await asyncio.sleep(min(hold, _MAX_SLEEP))
                 continue
-            if item is None or await self._limiter.hit(item, self._namespace, provider):
+            if bucket is None:
                 return
-            stats = await self._limiter.get_window_stats(item, self._namespace, provider)
-            await asyncio.sleep(max(stats.reset_time - time.time(), 0.005))
+            result = await bucket.limit(self._key(provider))
+            if not result.limited:
+                return
+            await asyncio.sleep(min(max(result.state.retry_after, 0.001), _MAX_SLEEP))
 
     async def pause(self, provider: str, seconds: float) -> None:
         """Hold this process's senders of ``provider`` back for ``seconds``."""
