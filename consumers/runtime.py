@@ -104,7 +104,7 @@ class Worker:
     async def _drain(self) -> None:
         if not self._inflight:
             return
-        log.info("waiting up to %.0fs for %d in-flight messages", self.settings.shutdown_timeout,
+        log.info("waiting up to %.1fs for %d in-flight messages", self.settings.shutdown_timeout,
                  len(self._inflight))
         _done, pending = await asyncio.wait(self._inflight, timeout=self.settings.shutdown_timeout)
         for task in pending:

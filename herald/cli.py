@@ -284,3 +284,7 @@ def run(
 def main() -> None:
     """Console entry point."""
     app()
+
+
+if __name__ == "__main__":  # ``python -m herald.cli …`` (it did nothing, silently, before)
+    main()

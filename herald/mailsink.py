@@ -47,6 +47,7 @@ class MailSink:
     faults: Faults = field(default_factory=Faults)
     messages: list[EmailMessage] = field(default_factory=list)
     accepted_at: list[float] = field(default_factory=list)
+    attempted_at: list[float] = field(default_factory=list)  #: monotonic time of every DATA
     refused: int = 0
     received: int = 0
     _recent: deque[float] = field(default_factory=deque)
@@ -55,6 +56,7 @@ class MailSink:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """aiosmtpd hook: accept, refuse or stall one message."""
         self.received += 1
+        self.attempted_at.append(time.monotonic())
         f = self.faults
         if self.received <= f.hang_first:
             await asyncio.sleep(f.hang_seconds)

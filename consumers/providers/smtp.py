@@ -10,7 +10,9 @@ import aiosmtplib
 
 from herald.errors import PermanentError, RateLimited, TransientError
 
-_RATE_TEXT = re.compile(r"rate|too many|throttl|slow down", re.IGNORECASE)
+# "rate" only at the start of a word: "generated" or "separate" is no rate limit, and a
+# reply misread as one would be retried forever without using the retry budget.
+_RATE_TEXT = re.compile(r"\brate|too many|throttl|slow down", re.IGNORECASE)
 _DEFAULT_PORTS = {"smtp": 25, "smtp+starttls": 587, "smtps": 465}
 
 
