@@ -128,6 +128,17 @@ def _smtp_url(url: str | None) -> str | None:
     return url
 
 
+def _http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL such as https://api.sendgrid.com, not {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"bad port in URL {url!r}: {exc}") from None
+    return url
+
+
 def _amqp_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
@@ -171,6 +182,8 @@ class Settings(BaseSettings):
     smtp_timeout: Annotated[float, NoDecode, BeforeValidator(
         lambda v: parse_duration(v) if isinstance(v, str) else v)] = 10.0
     email_from: str = "herald <no-reply@herald.local>"
+    sendgrid_api_key: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    sendgrid_url: Annotated[str, AfterValidator(_http_url)] = "https://api.sendgrid.com"
     email_rate_limit: RateSetting = Field(default_factory=lambda: Rate(25, 1.0))
     redis_url: str | None = None
 
