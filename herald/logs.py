@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 _EMAIL = re.compile(
     r"([A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]*@([A-Za-z0-9\-])[A-Za-z0-9.\-]*(\.[A-Za-z]{2,})"
@@ -36,3 +37,21 @@ def setup_logging(level: str = "INFO", name: str = "herald") -> None:
     root.setLevel(level.upper())
     for noisy in ("aiormq", "aio_pika", "mail.log", "sqlalchemy.engine", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def setup_sentry(dsn: str | None, component: str) -> None:
+    """Report errors to Sentry when a DSN is set; personal data is masked before sending."""
+    if not dsn:
+        return
+    import sentry_sdk
+
+    def scrub(event: Any, _hint: Any) -> Any:
+        for entry in (event.get("logentry"), event.get("message")):
+            if isinstance(entry, dict) and isinstance(entry.get("message"), str):
+                entry["message"] = mask(entry["message"])
+        if isinstance(event.get("message"), str):
+            event["message"] = mask(event["message"])
+        return event
+
+    sentry_sdk.init(dsn=dsn, send_default_pii=False, before_send=scrub,
+                    server_name=component)

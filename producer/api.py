@@ -18,7 +18,7 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald.db import init_db, make_engine, session_factory
-from herald.logs import setup_logging
+from herald.logs import setup_logging, setup_sentry
 from herald.models import User
 from herald.settings import Settings, load_settings
 from producer.outbox import add_event
@@ -134,6 +134,7 @@ def main() -> None:
     """Run the API with uvicorn (``python -m producer.api``)."""
     settings = load_settings()
     setup_logging(settings.log_level, "api")
+    setup_sentry(settings.sentry_dsn, "api")
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
                 log_level=settings.log_level.lower(), access_log=False, log_config=None)
 

@@ -23,7 +23,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald.db import init_db, make_engine, session_factory
-from herald.logs import setup_logging
+from herald.logs import setup_logging, setup_sentry
 from herald.models import OutboxEvent
 from herald.settings import Settings, load_settings
 from topology.declare import declare
@@ -147,6 +147,7 @@ def main() -> None:
     """``python -m producer.relay``."""
     settings = load_settings()
     setup_logging(settings.log_level, "relay")
+    setup_sentry(settings.sentry_dsn, "relay")
     asyncio.run(_main(settings))
 
 

@@ -133,7 +133,10 @@ def build(settings: Settings) -> Topology:
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         }))
-        queues.append(QueueSpec(n.dlq(channel), {"x-queue-type": "quorum"}))
+        # Classic, not quorum: the DLQ tools browse by fetching and returning
+        # messages, which a quorum queue counts against its delivery limit
+        # (RabbitMQ 4 sets one by default) and would eventually drop.
+        queues.append(QueueSpec(n.dlq(channel), {"x-queue-type": "classic"}))
         bindings.append(BindingSpec(n.dlx, n.dlq(channel), channel))
         for key, targets in ROUTES.items():
             if channel in targets:
