@@ -19,6 +19,7 @@ from consumers.templates import Renderer
 from herald.db import init_db, make_engine
 from herald.errors import ConfigError, HeraldError
 from herald.logs import setup_logging, setup_sentry
+from herald.metrics import serve as serve_metrics
 from herald.settings import Settings, load_settings
 
 log = logging.getLogger("herald.worker")
@@ -45,6 +46,7 @@ async def run_channel(settings: Settings, channel: str) -> Worker:
     if channel != "email":
         raise ConfigError(f"no worker for channel {channel!r} yet; available: email")
     worker, engine = await build_email_worker(settings)
+    serve_metrics(settings.worker_metrics_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

@@ -95,6 +95,17 @@ class DeliveryStore:
         await self._set(event_id, channel, recipient, status="failed", claimed_until=None,
                         last_error=error[:2000])
 
+    async def dead(self, event_id: str, channel: str, reason: str) -> None:
+        """Mark every unsent delivery of the event on ``channel`` as dead-lettered."""
+        async with self.sessions() as session:
+            await session.exec(
+                update(Delivery).where(col(Delivery.event_id) == event_id,
+                                       col(Delivery.channel) == channel,
+                                       col(Delivery.status) != "sent")
+                .values(status="dead", claimed_until=None, last_error=reason[:2000],
+                        updated_at=_now()))
+            await session.commit()
+
     async def get(self, event_id: str, channel: str, recipient: str) -> Delivery | None:
         """The record for that key, if any."""
         async with self.sessions() as session:

@@ -12,6 +12,7 @@ from consumers.providers.base import EmailProvider
 from consumers.ratelimit import RateLimiter
 from consumers.templates import Renderer
 from herald.errors import DeliveryFailure, PermanentError
+from herald.metrics import DELIVERIES, SEND_SECONDS
 from topology.envelope import Envelope, Recipient
 
 log = logging.getLogger("herald.email")
@@ -56,6 +57,10 @@ class EmailChannel:
                 self.renderer.render(CHANNEL, envelope.type, "html", context), subtype="html")
         return message
 
+    async def dead_lettered(self, envelope: Envelope, reason: str) -> None:
+        """Record the DLQ reason on every recipient not yet emailed."""
+        await self.store.dead(envelope.id, CHANNEL, reason)
+
     async def deliver(self, envelope: Envelope) -> None:
         """Send to every recipient not yet sent; raise the first failure after recording it."""
         for recipient in envelope.recipients:
@@ -68,14 +73,19 @@ class EmailChannel:
                                       recipient.user_id) is Claim.ALREADY_SENT:
                 log.info("event %s already emailed to %s; skipped", envelope.id,
                          recipient.user_id)
+                DELIVERIES.labels(CHANNEL, self.provider.name, "duplicate").inc()
                 continue
+            provider = self.provider.name
             try:
                 message = self.compose(envelope, recipient)
-                await self.limiter.acquire(self.provider.name)
-                await self.provider.send(message)
+                await self.limiter.acquire(provider)
+                with SEND_SECONDS.labels(CHANNEL, provider).time():
+                    await self.provider.send(message)
             except DeliveryFailure as exc:
+                DELIVERIES.labels(CHANNEL, provider, "failed").inc()
                 await self.store.failed(*key, exc.reason)
                 raise
-            await self.store.sent(*key, self.provider.name)
+            await self.store.sent(*key, provider)
+            DELIVERIES.labels(CHANNEL, provider, "sent").inc()
             log.info("event %s (%s) emailed to %s via %s", envelope.id, envelope.type,
                      recipient.email, self.provider.name)

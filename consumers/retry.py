@@ -24,7 +24,7 @@ class DeadLetter:
 
 
 def plan(
-    settings: Settings, retries_done: int, error: DeliveryFailure
+    settings: Settings, retries_done: int, error: DeliveryFailure, waited: float = 0.0
 ) -> Retry | DeadLetter:
     """Choose the next step after ``error`` on a message already retried ``retries_done`` times.
 
@@ -32,10 +32,15 @@ def plan(
     another worker holds) waits at least its ``retry_after`` without using
     up a retry. Otherwise retry number ``retries_done + 1`` waits
     ``retry_delays[retries_done]`` (the last delay repeats), until
-    ``max_retry`` retries are spent.
+    ``max_retry`` retries are spent. ``waited`` is the time since the first
+    failure: deferrals end in the DLQ once it passes ``max_defer``, so a
+    provider that says "slow down" forever does not keep a message forever.
     """
     if isinstance(error, PermanentError):
         return DeadLetter(f"permanent: {error.reason}")
+    if isinstance(error, Deferred) and waited > settings.max_defer:
+        return DeadLetter(f"still deferred after {waited:.0f}s (HERALD_MAX_DEFER): "
+                          f"{error.reason}")
     if isinstance(error, Deferred):
         wanted = error.retry_after or settings.retry_delay(1)
         tiers = settings.tier_delays() or [settings.retry_delay(1)]

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from consumers.retry import DeadLetter, plan
 from herald.errors import DeliveryFailure, PermanentError, TransientError
+from herald.metrics import INFLIGHT, MESSAGES, QUEUE_DEPTH
 from herald.settings import Settings
 from topology.declare import declare
 from topology.envelope import Envelope
@@ -51,6 +52,9 @@ class ChannelHandler(Protocol):
     async def deliver(self, envelope: Envelope) -> None:
         """Deliver to every recipient, or raise."""
 
+    async def dead_lettered(self, envelope: Envelope, reason: str) -> None:
+        """Record that the envelope went to the DLQ (the "why was I not notified")."""
+
 
 def _int_header(headers: dict[str, Any], name: str) -> int:
     try:
@@ -72,7 +76,7 @@ class Worker:
         self._retry: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
         self.ready = asyncio.Event()
-        self.stats = {"delivered": 0, "retried": 0, "dead_lettered": 0}
+        self.stats = {"delivered": 0, "retried": 0, "deferred": 0, "dead_lettered": 0}
 
     def stop(self) -> None:
         """Stop consuming; :meth:`run` finishes in-flight work and returns."""
@@ -91,15 +95,34 @@ class Worker:
             self._dlx = await channel.get_exchange(self.names.dlx)
             queue: AbstractQueue = await channel.get_queue(self.names.work(self.handler.name))
             tag = await queue.consume(self._on_message)
+            sampler = asyncio.create_task(self._sample_depths(connection))
             self.ready.set()
             log.info("consuming %s (prefetch %d, concurrency %d)", queue.name,
                      self.settings.prefetch, self.settings.concurrency)
             await self._stop.wait()
+            sampler.cancel()
             with suppress(Exception):
                 await queue.cancel(tag)
             await self._drain()
         finally:
             await connection.close()
+
+    async def _sample_depths(self, connection: AbstractRobustConnection) -> None:
+        """Keep ``herald_queue_messages`` current for this channel's work queue and DLQ.
+
+        Uses its own channel: a failed passive declare closes the channel it ran on.
+        """
+        names = (self.names.work(self.handler.name), self.names.dlq(self.handler.name))
+        while True:
+            with suppress(Exception):
+                channel = await connection.channel()
+                try:
+                    for name in names:
+                        queue = await channel.declare_queue(name, passive=True)
+                        QUEUE_DEPTH.labels(name).set(queue.declaration_result.message_count or 0)
+                finally:
+                    await channel.close()
+            await asyncio.sleep(15)
 
     async def _drain(self) -> None:
         if not self._inflight:
@@ -118,7 +141,10 @@ class Worker:
         task.add_done_callback(self._inflight.discard)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        channel = self.handler.name
         async with self._slots:
+            INFLIGHT.labels(channel).inc()
+            envelope: Envelope | None = None
             try:
                 try:
                     envelope = Envelope.from_json(message.body)
@@ -130,22 +156,31 @@ class Worker:
                     await message.nack(requeue=True)
                 raise
             except DeliveryFailure as exc:
-                await self._settle_failure(message, exc)
+                await self._settle_failure(message, envelope, exc)
             except Exception as exc:
                 log.exception("unexpected error on message %s", message.message_id)
-                await self._settle_failure(message, TransientError(f"unexpected: {exc!r}"))
+                await self._settle_failure(message, envelope,
+                                           TransientError(f"unexpected: {exc!r}"))
             else:
                 await message.ack()
-                self.stats["delivered"] += 1
+                self._count("delivered")
+            finally:
+                INFLIGHT.labels(channel).dec()
 
-    async def _settle_failure(self, message: AbstractIncomingMessage, exc: DeliveryFailure) -> None:
+    def _count(self, outcome: str) -> None:
+        self.stats[outcome] = self.stats.get(outcome, 0) + 1
+        MESSAGES.labels(self.handler.name, outcome).inc()
+
+    async def _settle_failure(self, message: AbstractIncomingMessage, envelope: Envelope | None,
+                              exc: DeliveryFailure) -> None:
         headers: dict[str, Any] = dict(message.headers or {})
         retries = _int_header(headers, H_ATTEMPT)
-        headers.setdefault(H_FIRST_FAILURE, datetime.now(UTC).isoformat())
+        now = datetime.now(UTC)
+        first = headers.setdefault(H_FIRST_FAILURE, now.isoformat())
         headers.setdefault(H_ROUTING_KEY, message.routing_key or "")
         headers[H_LAST_ERROR] = exc.reason[:1000]
         headers[H_ATTEMPTS_TOTAL] = _int_header(headers, H_ATTEMPTS_TOTAL) + 1
-        step = plan(self.settings, retries, exc)
+        step = plan(self.settings, retries, exc, waited=_seconds_since(first, now))
         channel = self.handler.name
         try:
             if isinstance(step, DeadLetter):
@@ -153,8 +188,11 @@ class Worker:
                 assert self._dlx is not None
                 await self._dlx.publish(self._copy(message, headers), routing_key=channel,
                                         mandatory=True, timeout=10)
-                self.stats["dead_lettered"] += 1
+                self._count("dead_lettered")
                 log.warning("message %s dead-lettered: %s", message.message_id, step.reason)
+                if envelope is not None:
+                    with suppress(Exception):  # the DLQ entry is the record that counts
+                        await self.handler.dead_lettered(envelope, step.reason)
             else:
                 headers[H_ATTEMPT] = step.retries
                 assert self._retry is not None
@@ -162,9 +200,11 @@ class Worker:
                     self._copy(message, headers),
                     routing_key=self.names.retry_key(channel, step.delay),
                     mandatory=True, timeout=10)
-                self.stats["retried"] += 1
-                log.info("message %s: retry %d in %.3gs (%s)", message.message_id, step.retries,
-                         step.delay, exc.reason)
+                deferred = step.retries == retries
+                self._count("deferred" if deferred else "retried")
+                log.info("message %s: %s in %.3gs (%s)", message.message_id,
+                         "deferred" if deferred else f"retry {step.retries}", step.delay,
+                         exc.reason)
             await message.ack()
         except Exception:
             # Not acked: the broker redelivers it (now or when we reconnect).
@@ -179,6 +219,16 @@ class Worker:
         headers.pop("x-delivery-count", None)
         return build_message(message.body, message.message_id or "", message.type or "",
                              headers)
+
+
+def _seconds_since(iso: Any, now: datetime) -> float:
+    try:
+        then = datetime.fromisoformat(str(iso))
+    except ValueError:
+        return 0.0
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return max((now - then).total_seconds(), 0.0)
 
 
 def _short(exc: Exception) -> str:

@@ -246,6 +246,8 @@ def run(
             raise _fail(f"HERALD_MAILSINK_PORT {settings.mailsink_port} is in use; "
                         "set another, or HERALD_SMTP_URL to a real server")
         overrides["HERALD_SMTP_URL"] = f"smtp://127.0.0.1:{settings.mailsink_port}"
+    if worker and not settings.worker_metrics_port and port_free("127.0.0.1", 9464):
+        overrides["HERALD_WORKER_METRICS_PORT"] = "9464"
     if api and not port_free(settings.api_host, settings.api_port):
         raise _fail(f"HERALD_API_PORT {settings.api_port} is in use on {settings.api_host}; "
                     "stop what runs there or set HERALD_API_PORT")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger("herald.metrics")
 
 MESSAGES = Counter(
     "herald_messages", "Messages a worker settled, by outcome "
@@ -20,7 +24,18 @@ RELAYED = Counter("herald_relay_published", "Outbox events confirmed by the brok
 OUTBOX_PENDING = Gauge("herald_outbox_pending", "Outbox events not yet published (sampled)")
 
 
-def serve(port: int, host: str = "127.0.0.1") -> None:
-    """Expose ``/metrics`` on ``host:port`` from a background thread (0 = off)."""
-    if port:
+def serve(port: int, host: str = "127.0.0.1") -> bool:
+    """Expose ``/metrics`` on ``host:port`` from a background thread (0 = off).
+
+    Returns False, with a warning, when the port is taken: metrics are not
+    worth a crash-looping worker.
+    """
+    if not port:
+        return False
+    try:
         start_http_server(port, addr=host)
+    except OSError as exc:
+        log.warning("metrics not served: %s:%d: %s", host, port, exc)
+        return False
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return True

@@ -153,6 +153,10 @@ def _prefix(value: str) -> str:
 
 
 Delays = Annotated[list[float], NoDecode, BeforeValidator(_delays)]
+#: A duration setting written with a unit (``10s``, ``200ms``); plain numbers are seconds.
+Duration = Annotated[float, NoDecode, BeforeValidator(
+    lambda v: parse_duration(v) if isinstance(v, str) and not v.strip().replace(".", "", 1)
+    .isdigit() else v)]
 RateSetting = Annotated[Rate, NoDecode, BeforeValidator(_rate)]
 
 
@@ -177,10 +181,10 @@ class Settings(BaseSettings):
     max_retry: int = Field(default=10, ge=0, le=1000)
     retry_delays: Delays = Field(default_factory=default_delays)
     delivery_limit: int = Field(default=5, ge=1, le=1000)
+    max_defer: Duration = 86400.0
 
     smtp_url: Annotated[str | None, AfterValidator(_smtp_url)] = None
-    smtp_timeout: Annotated[float, NoDecode, BeforeValidator(
-        lambda v: parse_duration(v) if isinstance(v, str) else v)] = 10.0
+    smtp_timeout: Duration = 10.0
     email_from: str = "herald <no-reply@herald.local>"
     sendgrid_api_key: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
     sendgrid_url: Annotated[str, AfterValidator(_http_url)] = "https://api.sendgrid.com"
@@ -191,11 +195,10 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     prefetch: int = Field(default=10, ge=1, le=10_000)
     concurrency: int = Field(default=10, ge=1, le=10_000)
-    shutdown_timeout: Annotated[float, NoDecode, BeforeValidator(
-        lambda v: parse_duration(v) if isinstance(v, str) else v)] = 10.0
-    relay_interval: Annotated[float, NoDecode, BeforeValidator(
-        lambda v: parse_duration(v) if isinstance(v, str) else v)] = 0.2
+    shutdown_timeout: Duration = 10.0
+    relay_interval: Duration = 0.2
     relay_batch: int = Field(default=100, ge=1, le=10_000)
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
 
     templates_dir: Path = REPO_ROOT / "templates"
     mail_dir: Path = Path("var/mail")

@@ -9,20 +9,21 @@ from typing import Annotated
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request, status
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel import select
+from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald.db import init_db, make_engine, session_factory
 from herald.logs import setup_logging, setup_sentry
-from herald.models import User
+from herald.metrics import OUTBOX_PENDING
+from herald.models import OutboxEvent, User
 from herald.settings import Settings, load_settings
 from producer.outbox import add_event
-from producer.passwords import hash_password, verify_password
+from producer.passwords import hash_password_async, verify_password_async
 from producer.schemas import EventAccepted, LoginIn, SignupIn, UserPublic
 from topology.envelope import Actor, Envelope, Recipient
 
@@ -72,6 +73,15 @@ def create_app(settings: Settings) -> FastAPI:
         ]
         return JSONResponse({"detail": detail}, status_code=422)
 
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics(sessions: SessionsDep) -> PlainTextResponse:
+        """Prometheus metrics of this API process, with the outbox backlog."""
+        async with sessions() as session:
+            pending = await session.exec(select(func.count()).select_from(OutboxEvent)
+                                         .where(col(OutboxEvent.published_at).is_(None)))
+            OUTBOX_PENDING.set(pending.one())
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
@@ -81,7 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
               responses={409: {"description": "email already registered"}})
     async def signup(body: SignupIn, sessions: SessionsDep) -> EventAccepted:
         """Create an account and raise ``user.signup`` (a welcome email), in one transaction."""
-        password_hash = await run_in_threadpool(hash_password, body.password)
+        password_hash = await hash_password_async(body.password)
         user = User(email=body.email, name=body.name, password_hash=password_hash)
         envelope = Envelope(
             type="user.signup",
@@ -107,9 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Check credentials and raise ``user.login`` (email, in-app and opt-in SMS)."""
         async with sessions() as session:
             user = (await session.exec(select(User).where(User.email == body.email))).first()
-        ok = await run_in_threadpool(
-            verify_password, user.password_hash if user else None, body.password
-        )
+        ok = await verify_password_async(user.password_hash if user else None, body.password)
         if user is None or not ok:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid email or password",
                                 headers={"WWW-Authenticate": "Bearer"})

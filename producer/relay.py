@@ -24,6 +24,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald.db import init_db, make_engine, session_factory
 from herald.logs import setup_logging, setup_sentry
+from herald.metrics import RELAYED
 from herald.models import OutboxEvent
 from herald.settings import Settings, load_settings
 from topology.declare import declare
@@ -101,6 +102,7 @@ class Relay:
                 # far stay marked (the row locks are held until here).
                 await session.commit()
         self.published += done
+        RELAYED.inc(done)
         return done
 
     async def run(self) -> None:

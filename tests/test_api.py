@@ -234,3 +234,19 @@ async def test_outbox_rows_are_ordered_by_creation(
         await engine.dispose()
     assert [json.loads(r.body)["recipients"][0]["email"] for r in rows] == [
         "u0@example.com", "u1@example.com", "u2@example.com"]
+
+
+async def test_metrics_show_the_outbox_backlog_and_events(api: httpx.AsyncClient) -> None:
+    # Given two signups that no relay has published yet
+    for name in ("ada", "bob"):
+        response = await api.post("/signup", json={
+            "email": f"{name}@example.com", "password": "correct horse", "name": name})
+        assert response.status_code == 201
+    # When Prometheus scrapes the API
+    metrics = await api.get("/metrics")
+    # Then the backlog gauge counts them and the event counter has the type
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    lines = metrics.text.splitlines()
+    assert "herald_outbox_pending 2.0" in lines
+    assert any(line.startswith('herald_events_total{type="user.signup"}') for line in lines)

@@ -212,6 +212,20 @@ def test_deferral_longer_than_every_tier_takes_the_longest(ladder: Settings) -> 
     assert step == Retry(delay=4.0, retries=1)
 
 
+def test_deferral_ends_in_the_dlq_after_max_defer(ladder: Settings) -> None:
+    within = plan(ladder, 0, RateLimited("slow", retry_after=1), waited=ladder.max_defer - 1)
+    assert isinstance(within, Retry)
+    past = plan(ladder, 0, RateLimited("slow", retry_after=1), waited=ladder.max_defer + 1)
+    assert isinstance(past, DeadLetter) and "HERALD_MAX_DEFER" in past.reason
+    # a real retry is governed by max_retry, not by the deferral cap
+    assert isinstance(plan(ladder, 0, TransientError("451"), waited=10**9), Retry)
+
+
+def test_durations_accept_plain_seconds() -> None:
+    s = _settings(max_defer="90", shutdown_timeout="2.5", smtp_timeout="1m")
+    assert (s.max_defer, s.shutdown_timeout, s.smtp_timeout) == (90.0, 2.5, 60.0)
+
+
 def test_deferral_only_uses_tiers_that_exist() -> None:
     # max_retry=2 declares tiers 200ms and 1s only; 2s/4s queues do not exist.
     s = _settings(retry_delays="200ms,1s,2s,4s", max_retry=2)

@@ -180,7 +180,7 @@ async def test_transient_refusals_retry_with_the_configured_spacing(
         await eventually(lambda: worker.stats["delivered"] == 1)
     assert len(messages) == 1
     assert smtp.received == 3 and smtp.refused == 2
-    assert worker.stats == {"delivered": 1, "retried": 2, "dead_lettered": 0}
+    assert worker.stats == {"delivered": 1, "retried": 2, "deferred": 0, "dead_lettered": 0}
     # And the attempts were spaced by the retry delays (broker TTL, never early)
     first, second, third = smtp.attempted_at
     for gap, delay in ((second - first, 0.3), (third - second, 0.6)):
@@ -211,7 +211,7 @@ async def test_refused_forever_goes_to_the_dlq_after_max_retry(
         await asyncio.sleep(0.5)  # longer than any tier: no attempt is still on its way
     # … after the first attempt and exactly max_retry retries
     assert settled_received == smtp.received == settings.max_retry + 1
-    assert worker.stats == {"delivered": 0, "retried": 3, "dead_lettered": 1}
+    assert worker.stats == {"delivered": 0, "retried": 3, "deferred": 0, "dead_lettered": 1}
     # And the DLQ entry tells the operator what happened
     assert dead.id == envelope.id
     assert dead.event_type == "user.signup"
@@ -232,8 +232,10 @@ async def test_refused_forever_goes_to_the_dlq_after_max_retry(
     assert await depth(connection, names.work("email")) == 0
     record = await delivery_record(settings, envelope)
     assert record is not None
-    assert (record.status, record.attempts) == ("failed", 4)
+    # the delivery record says why the user was not notified
+    assert (record.status, record.attempts) == ("dead", 4)
     assert record.last_error is not None and "451" in record.last_error
+    assert record.last_error.startswith("retries exhausted")
 
 
 async def test_permanent_refusal_goes_to_the_dlq_after_one_attempt(
@@ -248,7 +250,7 @@ async def test_permanent_refusal_goes_to_the_dlq_after_one_attempt(
         [dead] = await dead_letters(connection, settings, 1)
         await asyncio.sleep(0.6)  # longer than every retry tier
     assert smtp.received == 1
-    assert worker.stats == {"delivered": 0, "retried": 0, "dead_lettered": 1}
+    assert worker.stats == {"delivered": 0, "retried": 0, "deferred": 0, "dead_lettered": 1}
     assert dead.id == envelope.id
     assert dead.reason.startswith("permanent")
     assert "550" in dead.reason and "No such user here" in dead.last_error
@@ -294,7 +296,7 @@ async def test_malformed_message_is_dead_lettered_and_the_worker_carries_on(
         # … and the malformed one waits in the DLQ, saying why
         [dead] = await dead_letters(connection, settings, 1)
         await eventually(lambda: worker.stats["delivered"] == 1)
-    assert worker.stats == {"delivered": 1, "retried": 0, "dead_lettered": 1}
+    assert worker.stats == {"delivered": 1, "retried": 0, "deferred": 0, "dead_lettered": 1}
     assert smtp.received == 1
     assert smtp.messages[0]["Message-ID"].startswith(f"<{good.id}.")
     assert dead.id == "bad-1"
@@ -376,7 +378,7 @@ async def test_already_sent_delivery_is_acked_without_sending(
         await eventually(lambda: worker.stats["delivered"] == 1)
     # Then it is acked and nothing is sent
     assert smtp.received == 0
-    assert worker.stats == {"delivered": 1, "retried": 0, "dead_lettered": 0}
+    assert worker.stats == {"delivered": 1, "retried": 0, "deferred": 0, "dead_lettered": 0}
     assert await depth(connection, Names(settings.prefix).work("email")) == 0
 
 
@@ -428,7 +430,8 @@ async def test_rate_limit_replies_do_not_use_the_retry_budget(
             await smtp.wait_for(1)
         await eventually(lambda: worker.stats["delivered"] == 1)
     assert smtp.received == 4
-    assert worker.stats == {"delivered": 1, "retried": 3, "dead_lettered": 0}
+    # the three waits are deferrals, not retries
+    assert worker.stats == {"delivered": 1, "retried": 0, "deferred": 3, "dead_lettered": 0}
     assert await browse(connection, Names(settings.prefix), "email") == []
 
 
@@ -457,7 +460,7 @@ async def test_a_real_failure_after_rate_limits_still_has_its_full_budget(
         async with asyncio.timeout(15):
             await smtp.wait_for(1)
         await eventually(lambda: worker.stats["delivered"] == 1)
-    assert worker.stats == {"delivered": 1, "retried": 3, "dead_lettered": 0}
+    assert worker.stats == {"delivered": 1, "retried": 1, "deferred": 2, "dead_lettered": 0}
     assert smtp.received == 4
 
 
@@ -502,3 +505,23 @@ async def test_poison_message_is_dead_lettered_after_the_delivery_limit(
     assert "delivery_limit" in dead.reason
     assert dead.first_failure is not None
 
+
+
+async def test_a_provider_that_never_stops_saying_slow_down_ends_in_the_dlq(
+    connection: AbstractRobustConnection, make_settings: Callable[..., Settings],
+    smtp: MailSink, declared: Declare,
+) -> None:
+    # Given an SMTP server that rate-limits forever, and deferrals capped at 1s
+    settings = await declared(make_settings(smtp_url=smtp_url(smtp), max_retry=5,
+                                            retry_delays="200ms", max_defer="1s"))
+    smtp.faults.refuse_always = "421 4.7.0 Rate limit exceeded"
+    envelope = make_envelope()
+    async with email_worker(settings) as worker:
+        await publish(connection, settings, envelope)
+        # Then, once the cap has passed, the message is parked instead of cycling
+        [dead] = await dead_letters(connection, settings, 1)
+    assert dead.reason.startswith("still deferred after")
+    assert "HERALD_MAX_DEFER" in dead.reason
+    assert worker.stats["retried"] == 0 and worker.stats["deferred"] >= 3
+    record = await delivery_record(settings, envelope)
+    assert record is not None and record.status == "dead"
