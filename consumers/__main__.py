@@ -12,6 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumers.deliveries import DeliveryStore
 from consumers.email import EmailChannel
+from consumers.providers.base import EmailProvider
+from consumers.providers.chain import ProviderChain
+from consumers.providers.sendgrid import SendGridProvider
 from consumers.providers.smtp import SmtpProvider
 from consumers.ratelimit import TokenBucketLimiter
 from consumers.runtime import Worker
@@ -28,17 +31,32 @@ CHANNELS = ("email",)
 
 async def build_email_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     """The email worker for ``settings`` and the engine it records deliveries with."""
-    if not settings.smtp_url:
-        raise ConfigError("HERALD_SMTP_URL: not set (herald run starts a local sink for you)")
+    providers = email_providers(settings)
     engine = make_engine(settings.database_url)
     await init_db(engine)
-    provider = SmtpProvider(settings.smtp_url, timeout=settings.smtp_timeout)
-    limiter = TokenBucketLimiter({provider.name: settings.email_rate_limit},
-                                namespace=settings.prefix, redis_url=settings.redis_url)
+    limiter = TokenBucketLimiter({p.name: settings.rate_for(p.name) for p in providers},
+                                 namespace=settings.prefix, redis_url=settings.redis_url)
+    chain = ProviderChain("email", providers, limiter, threshold=settings.breaker_threshold,
+                          cooldown=settings.breaker_cooldown)
     store = DeliveryStore(engine, lease=2 * settings.smtp_timeout + 5)
-    handler = EmailChannel(provider, Renderer(settings.templates_dir), limiter, store,
-                           settings.email_from)
+    handler = EmailChannel(chain, Renderer(settings.templates_dir), store, settings.email_from)
     return Worker(settings, handler), engine
+
+
+def email_providers(settings: Settings) -> list[EmailProvider]:
+    """The providers of ``HERALD_EMAIL_PROVIDERS``, in order; ConfigError if one lacks config."""
+    built: list[EmailProvider] = []
+    for name in settings.email_providers:
+        if name == "smtp":
+            if not settings.smtp_url:
+                raise ConfigError("HERALD_SMTP_URL: not set (herald run starts a local sink "
+                                  "for you)")
+            built.append(SmtpProvider(settings.smtp_url, timeout=settings.smtp_timeout))
+        elif name == "sendgrid":
+            assert settings.sendgrid_api_key is not None  # checked by Settings
+            built.append(SendGridProvider(settings.sendgrid_api_key, settings.sendgrid_url,
+                                          timeout=settings.smtp_timeout))
+    return built
 
 
 async def run_channel(settings: Settings, channel: str) -> Worker:

@@ -8,11 +8,10 @@ from email.message import EmailMessage
 from email.utils import formatdate
 
 from consumers.deliveries import Claim, DeliveryStore
-from consumers.providers.base import EmailProvider
-from consumers.ratelimit import RateLimiter
+from consumers.providers.chain import ProviderChain
 from consumers.templates import Renderer
 from herald.errors import DeliveryFailure, PermanentError
-from herald.metrics import DELIVERIES, SEND_SECONDS
+from herald.metrics import DELIVERIES
 from topology.envelope import Envelope, Recipient
 
 log = logging.getLogger("herald.email")
@@ -24,13 +23,20 @@ class EmailChannel:
 
     name = CHANNEL
 
-    def __init__(self, provider: EmailProvider, renderer: Renderer, limiter: RateLimiter,
-                 store: DeliveryStore, sender: str) -> None:
-        self.provider = provider
+    def __init__(self, providers: ProviderChain, renderer: Renderer, store: DeliveryStore,
+                 sender: str) -> None:
+        self.providers = providers
         self.renderer = renderer
-        self.limiter = limiter
         self.store = store
         self.sender = sender
+
+    async def unavailable_for(self) -> float:
+        """Seconds until some provider may be tried again (0: now)."""
+        return await self.providers.unavailable_for()
+
+    async def aclose(self) -> None:
+        """Release the providers' connections."""
+        await self.providers.aclose()
 
     def compose(self, envelope: Envelope, recipient: Recipient) -> EmailMessage:
         """The multipart (text + HTML) email; raises ``PermanentError`` if it cannot be built."""
@@ -73,19 +79,16 @@ class EmailChannel:
                                       recipient.user_id) is Claim.ALREADY_SENT:
                 log.info("event %s already emailed to %s; skipped", envelope.id,
                          recipient.user_id)
-                DELIVERIES.labels(CHANNEL, self.provider.name, "duplicate").inc()
+                DELIVERIES.labels(CHANNEL, "-", "duplicate").inc()
                 continue
-            provider = self.provider.name
             try:
                 message = self.compose(envelope, recipient)
-                await self.limiter.acquire(provider)
-                with SEND_SECONDS.labels(CHANNEL, provider).time():
-                    await self.provider.send(message)
+                provider = await self.providers.send(message)
             except DeliveryFailure as exc:
-                DELIVERIES.labels(CHANNEL, provider, "failed").inc()
+                DELIVERIES.labels(CHANNEL, "-", "failed").inc()
                 await self.store.failed(*key, exc.reason)
                 raise
             await self.store.sent(*key, provider)
             DELIVERIES.labels(CHANNEL, provider, "sent").inc()
             log.info("event %s (%s) emailed to %s via %s", envelope.id, envelope.type,
-                     recipient.email, self.provider.name)
+                     recipient.email, provider)

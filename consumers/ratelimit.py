@@ -17,6 +17,7 @@ import time
 from datetime import timedelta
 from typing import Protocol
 
+from redis.asyncio import Redis
 from throttled.asyncio import MemoryStore, RateLimiterType, RedisStore, Throttled, per_duration
 
 from herald.settings import Rate
@@ -32,6 +33,9 @@ class RateLimiter(Protocol):
 
     async def pause(self, provider: str, seconds: float) -> None:
         """Hold every sender of ``provider`` back for ``seconds`` (a 429 / Retry-After)."""
+
+    async def aclose(self) -> None:
+        """Release connections."""
 
 
 class TokenBucketLimiter:
@@ -49,15 +53,23 @@ class TokenBucketLimiter:
         }
         self._namespace = namespace
         self._paused_until: dict[str, float] = {}
+        # The provider-wide pause after a 429 is shared the same way as the bucket.
+        self._redis: Redis | None = Redis.from_url(redis_url) if redis_url else None
 
     def _key(self, provider: str) -> str:
         return f"herald:{self._namespace}:rate:{provider}"
+
+    async def _held_for(self, provider: str) -> float:
+        if self._redis is not None:
+            ms = int(await self._redis.pttl(self._key(provider) + ":pause"))
+            return max(ms, 0) / 1000
+        return self._paused_until.get(provider, 0.0) - time.monotonic()
 
     async def acquire(self, provider: str) -> None:
         """Take the next slot in ``provider``'s bucket; sleeps until it is due."""
         bucket = self._buckets.get(provider)
         while True:
-            hold = self._paused_until.get(provider, 0.0) - time.monotonic()
+            hold = await self._held_for(provider)
             if hold > 0:
                 await asyncio.sleep(min(hold, _MAX_SLEEP))
                 continue
@@ -69,6 +81,17 @@ class TokenBucketLimiter:
             await asyncio.sleep(min(max(result.state.retry_after, 0.001), _MAX_SLEEP))
 
     async def pause(self, provider: str, seconds: float) -> None:
-        """Hold this process's senders of ``provider`` back for ``seconds``."""
+        """Hold every sender of ``provider`` (all processes, with Redis) back for ``seconds``."""
+        if seconds <= 0:
+            return
+        if self._redis is not None:
+            await self._redis.set(self._key(provider) + ":pause", "1",
+                                  px=max(int(seconds * 1000), 1))
+            return
         until = time.monotonic() + seconds
         self._paused_until[provider] = max(self._paused_until.get(provider, 0.0), until)
+
+    async def aclose(self) -> None:
+        """Close the Redis connection, if any."""
+        if self._redis is not None:
+            await self._redis.aclose()

@@ -24,8 +24,8 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from consumers.retry import DeadLetter, plan
-from herald.errors import DeliveryFailure, PermanentError, TransientError
-from herald.metrics import INFLIGHT, MESSAGES, QUEUE_DEPTH
+from herald.errors import ChannelDown, DeliveryFailure, PermanentError, TransientError
+from herald.metrics import INFLIGHT, MESSAGES, PAUSED, QUEUE_DEPTH
 from herald.settings import Settings
 from topology.declare import declare
 from topology.envelope import Envelope
@@ -55,6 +55,12 @@ class ChannelHandler(Protocol):
     async def dead_lettered(self, envelope: Envelope, reason: str) -> None:
         """Record that the envelope went to the DLQ (the "why was I not notified")."""
 
+    async def unavailable_for(self) -> float:
+        """Seconds until the channel can deliver again (0: now); the worker pauses meanwhile."""
+
+    async def aclose(self) -> None:
+        """Release connections when the worker stops."""
+
 
 def _int_header(headers: dict[str, Any], name: str) -> int:
     try:
@@ -71,6 +77,7 @@ class Worker:
         self.handler = handler
         self.names = Names(settings.prefix)
         self._stop = asyncio.Event()
+        self._down = asyncio.Event()  # set when a message found every provider down
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._retry: AbstractExchange | None = None
@@ -94,17 +101,39 @@ class Worker:
             self._retry = await channel.get_exchange(self.names.retry)
             self._dlx = await channel.get_exchange(self.names.dlx)
             queue: AbstractQueue = await channel.get_queue(self.names.work(self.handler.name))
-            tag = await queue.consume(self._on_message)
+            tag: str | None = await queue.consume(self._on_message)
             sampler = asyncio.create_task(self._sample_depths(connection))
             self.ready.set()
             log.info("consuming %s (prefetch %d, concurrency %d)", queue.name,
                      self.settings.prefetch, self.settings.concurrency)
-            await self._stop.wait()
-            sampler.cancel()
-            with suppress(Exception):
+            while not self._stop.is_set():
+                await _first(self._stop.wait(), self._down.wait())
+                self._down.clear()
+                wait = 0.0 if self._stop.is_set() else await self.handler.unavailable_for()
+                if wait <= 0 or tag is None:
+                    continue
+                # Every provider is down: leave the messages in the queue rather
+                # than spin them through the retry tiers, until a probe may go.
                 await queue.cancel(tag)
+                tag = None
+                PAUSED.labels(self.handler.name).set(1)
+                self.stats["paused"] = self.stats.get("paused", 0) + 1
+                log.warning("every %s provider is down: consumption paused for %.1fs",
+                            self.handler.name, wait)
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), wait)
+                PAUSED.labels(self.handler.name).set(0)
+                if not self._stop.is_set():
+                    tag = await queue.consume(self._on_message)
+                    log.info("resuming %s: the next message probes the providers", queue.name)
+            sampler.cancel()
+            if tag is not None:
+                with suppress(Exception):
+                    await queue.cancel(tag)
             await self._drain()
         finally:
+            with suppress(Exception):
+                await self.handler.aclose()
             await connection.close()
 
     async def _sample_depths(self, connection: AbstractRobustConnection) -> None:
@@ -200,6 +229,8 @@ class Worker:
                     self._copy(message, headers),
                     routing_key=self.names.retry_key(channel, step.delay),
                     mandatory=True, timeout=10)
+                if isinstance(exc, ChannelDown):
+                    self._down.set()
                 deferred = step.retries == retries
                 self._count("deferred" if deferred else "retried")
                 log.info("message %s: %s in %.3gs (%s)", message.message_id,
@@ -219,6 +250,16 @@ class Worker:
         headers.pop("x-delivery-count", None)
         return build_message(message.body, message.message_id or "", message.type or "",
                              headers)
+
+
+async def _first(*aws: Any) -> None:
+    """Wait until the first of ``aws`` completes; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _seconds_since(iso: Any, now: datetime) -> float:

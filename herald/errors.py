@@ -63,5 +63,9 @@ class PermanentError(DeliveryFailure):
     """Raised when retrying cannot help (5xx SMTP, malformed message, unknown template)."""
 
 
+class ChannelDown(Deferred):
+    """Raised when every provider of a channel has its circuit open: the worker pauses."""
+
+
 class DeliveryInProgress(Deferred):
     """Raised when another worker holds the claim on the same delivery key right now."""

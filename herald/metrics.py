@@ -18,6 +18,8 @@ SEND_SECONDS = Histogram(
     "herald_provider_send_seconds", "Time a provider took to accept one notification",
     ["channel", "provider"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 INFLIGHT = Gauge("herald_inflight_messages", "Messages a worker is handling now", ["channel"])
+PAUSED = Gauge("herald_channel_paused", "1 while every provider of the channel is down",
+               ["channel"])
 QUEUE_DEPTH = Gauge("herald_queue_messages", "Messages ready in a queue (sampled)", ["queue"])
 EVENTS = Counter("herald_events", "Events written to the outbox by the API", ["type"])
 RELAYED = Counter("herald_relay_published", "Outbox events confirmed by the broker")

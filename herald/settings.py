@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -139,6 +140,24 @@ def _http_url(url: str) -> str:
     return url
 
 
+EMAIL_PROVIDERS = ("smtp", "sendgrid")
+
+
+def _providers(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [p.strip().lower() for p in value.split(",") if p.strip()]
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("name at least one provider, e.g. smtp,sendgrid")
+        unknown = [p for p in value if p not in EMAIL_PROVIDERS]
+        if unknown:
+            raise ValueError(f"unknown provider {unknown[0]!r}; known: "
+                             f"{', '.join(EMAIL_PROVIDERS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("a provider is listed twice")
+    return value
+
+
 def _amqp_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
@@ -189,10 +208,19 @@ class Settings(BaseSettings):
     sendgrid_api_key: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
     sendgrid_url: Annotated[str, AfterValidator(_http_url)] = "https://api.sendgrid.com"
     email_rate_limit: RateSetting = Field(default_factory=lambda: Rate(25, 1.0))
+    sendgrid_rate_limit: Annotated[Rate | None, NoDecode, BeforeValidator(_rate)] = None
+    email_providers: Annotated[list[str], NoDecode, BeforeValidator(_providers)] = Field(
+        default_factory=lambda: ["smtp"])
+    breaker_threshold: int = Field(default=5, ge=1, le=1000)
+    breaker_cooldown: Duration = 30.0
     redis_url: str | None = None
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
+    #: Bearer token of ``POST /events`` (service integrations); unset disables the route.
+    service_token: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    #: How long an ``Idempotency-Key`` answer is replayed; after that the key is free again.
+    idempotency_ttl: Duration = 86400.0
     prefetch: int = Field(default=10, ge=1, le=10_000)
     concurrency: int = Field(default=10, ge=1, le=10_000)
     shutdown_timeout: Duration = 10.0
@@ -210,6 +238,18 @@ class Settings(BaseSettings):
     @classmethod
     def _check_database_url(cls, value: str) -> str:
         return _database_url(value)
+
+    @model_validator(mode="after")
+    def _providers_configured(self) -> Settings:
+        if "sendgrid" in self.email_providers and not self.sendgrid_api_key:
+            raise ValueError("HERALD_SENDGRID_API_KEY: required when HERALD_EMAIL_PROVIDERS "
+                             "includes sendgrid")
+        return self
+
+    def rate_for(self, provider: str) -> Rate:
+        """The cap of an email provider (its own setting, else ``email_rate_limit``)."""
+        own = self.sendgrid_rate_limit if provider == "sendgrid" else None
+        return own or self.email_rate_limit
 
     def retry_delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based); the last delay repeats."""
@@ -239,6 +279,7 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
         msg = str(err["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"HERALD_{field.upper()}: {msg}") from None
+        if not err["loc"]:  # a check across fields names its variables itself
+            raise ConfigError(msg) from None
+        raise ConfigError(f"HERALD_{str(err['loc'][0]).upper()}: {msg}") from None

@@ -26,8 +26,9 @@ ADA = "ada@example.com"
 
 def compose(subject_override: str | None = None, cc: str | None = None) -> EmailMessage:
     """The multipart email the email channel builds for a user.signup event."""
-    channel = EmailChannel(provider=None, renderer=Renderer(REPO_ROOT / "templates"),  # type: ignore[arg-type]
-                           limiter=None, store=None,  # type: ignore[arg-type]
+    channel = EmailChannel(providers=None,  # type: ignore[arg-type]
+                           renderer=Renderer(REPO_ROOT / "templates"),
+                           store=None,  # type: ignore[arg-type]
                            sender="herald <no-reply@herald.local>")
     envelope = Envelope(id="evt-123", type="user.signup", actor=Actor(id="u1"),
                         recipients=[Recipient(user_id="u1", email=ADA, name="Ada Lovelace")])
@@ -233,21 +234,31 @@ async def test_400_reason_never_shows_the_recipient_address() -> None:
             assert ADA not in reason and "ada@" not in reason
 
 
-async def test_wrong_key_is_permanent_and_the_key_stays_out_of_the_reason() -> None:
+async def test_wrong_key_is_transient_and_the_key_stays_out_of_the_reason() -> None:
+    # The key is ours, not the message's: a fallback provider may still send it.
     async with asyncio.timeout(10):
         async with SendGridStandIn(require_key=KEY) as sg, provider(sg, key="SG.wrong.key") as p:
-            with pytest.raises(PermanentError) as caught:
+            with pytest.raises(TransientError) as caught:
                 await p.send(compose())
             reason = caught.value.reason
             assert reason.startswith("SendGrid 401")
             assert "authorization grant is invalid" in reason
+            assert type(caught.value) is TransientError
             assert "SG.wrong.key" not in reason and KEY not in reason
             assert "SG.wrong.key" not in repr(p)
             assert sg.calls[0].authorization == "Bearer SG.wrong.key"
 
 
-@pytest.mark.parametrize(("status", "text"), [(403, "access forbidden"),
-                                              (404, "not found"), (413, "content too large")])
+async def test_forbidden_is_transient() -> None:
+    async with asyncio.timeout(10):
+        async with SendGridStandIn(always_status=403) as sg, provider(sg) as p:
+            with pytest.raises(TransientError) as caught:
+                await p.send(compose())
+            assert type(caught.value) is TransientError
+            assert caught.value.reason.startswith("SendGrid 403 ")
+
+
+@pytest.mark.parametrize(("status", "text"), [(404, "not found"), (413, "content too large")])
 async def test_other_client_errors_are_permanent(status: int, text: str) -> None:
     async with asyncio.timeout(10):
         async with SendGridStandIn(always_status=status) as sg, provider(sg) as p:

@@ -174,9 +174,11 @@ class SendGridProvider:
 
         Raises:
             PermanentError: the message cannot be converted, or a 4xx other than
-                408/429 (bad request, wrong key, forbidden, too large …).
+                401/403/408/429 (bad request, not found, too large …).
             RateLimited: 429, with ``retry_after`` from Retry-After or X-RateLimit-Reset.
-            TransientError: 408, 5xx, connection errors, timeouts, protocol errors.
+            TransientError: 401/403 (our key or account, not the message: a fallback
+                provider can still send it, and the circuit breaker opens), 408, 5xx,
+                connection errors, timeouts, protocol errors.
         """
         body = to_sendgrid(message)
         try:
@@ -199,7 +201,7 @@ class SendGridProvider:
         reason = self._reason(response)
         if status == 429:
             raise RateLimited(reason, retry_after=retry_after(response.headers, self._clock()))
-        if 400 <= status < 500 and status != 408:
+        if 400 <= status < 500 and status not in (401, 403, 408):
             raise PermanentError(reason)
         raise TransientError(reason)
 

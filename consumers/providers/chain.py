@@ -1,0 +1,118 @@
+"""A channel's providers in order, each behind its own circuit breaker (purgatory).
+
+``send`` tries the providers in turn: a transient failure, a rate-limit
+answer or an open circuit moves on to the next one; a permanent failure
+(the message itself is bad) stops at once. When every provider's circuit is
+open the channel is down: ``ChannelDown`` (a deferral, so no retry is spent)
+and ``unavailable_for`` tell the worker to stop consuming until a breaker's
+cooldown ends and a probe may go out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from email.message import EmailMessage
+
+from purgatory import AsyncCircuitBreakerFactory
+from purgatory.domain.model import OpenedState
+
+from consumers.providers.base import EmailProvider
+from consumers.ratelimit import RateLimiter
+from herald.errors import (
+    ChannelDown,
+    Deferred,
+    DeliveryFailure,
+    PermanentError,
+    RateLimited,
+    TransientError,
+)
+from herald.metrics import SEND_SECONDS
+
+log = logging.getLogger("herald.providers")
+
+
+class ProviderChain:
+    """Sends through the first provider that takes the message.
+
+    Breakers count transient failures only (a rate limit or a bad message says
+    nothing about the provider's health); ``threshold`` in a row opens one for
+    ``cooldown`` seconds, after which the next send is its probe.
+    """
+
+    def __init__(self, channel: str, providers: list[EmailProvider], limiter: RateLimiter,
+                 threshold: int = 5, cooldown: float = 30.0) -> None:
+        if not providers:
+            raise ValueError("a provider chain needs at least one provider")
+        self.channel = channel
+        self.providers = providers
+        self.limiter = limiter
+        self.cooldown = cooldown
+        self._breakers = AsyncCircuitBreakerFactory(
+            default_threshold=threshold, default_ttl=cooldown,
+            exclude=[PermanentError, Deferred])
+
+    @property
+    def names(self) -> list[str]:
+        """Provider names in the order they are tried."""
+        return [p.name for p in self.providers]
+
+    async def send(self, message: EmailMessage) -> str:
+        """Deliver ``message``; return the name of the provider that accepted it.
+
+        Raises ``PermanentError`` at once; otherwise the last provider's error,
+        or ``ChannelDown`` when every circuit is open.
+        """
+        failures: list[DeliveryFailure] = []
+        for provider in self.providers:
+            breaker = await self._breakers.get_breaker(provider.name)
+            try:
+                async with breaker:
+                    await self.limiter.acquire(provider.name)
+                    with SEND_SECONDS.labels(self.channel, provider.name).time():
+                        await provider.send(message)
+                return provider.name
+            except OpenedState:
+                continue
+            except RateLimited as exc:
+                await self.limiter.pause(provider.name, exc.retry_after or 1.0)
+                failures.append(exc)
+            except TransientError as exc:
+                failures.append(exc)
+                if len(self.providers) > 1:
+                    log.warning("%s failed (%s); trying the next provider", provider.name,
+                                exc.reason)
+        wait = await self.unavailable_for()
+        if wait > 0:
+            reasons = "; ".join(f.reason for f in failures) or "all circuits open"
+            raise ChannelDown(f"every {self.channel} provider is down ({reasons})",
+                              retry_after=wait)
+        if not failures:  # a breaker half-opened between the loop and the check
+            raise TransientError(f"no {self.channel} provider took the message")
+        # a rate limit only if every provider said so; otherwise a real failure
+        real = [f for f in failures if not isinstance(f, RateLimited)]
+        raise real[-1] if real else failures[-1]
+
+    async def unavailable_for(self) -> float:
+        """0 when some provider may be tried now; else seconds until the first cooldown ends."""
+        now = time.time()
+        waits: list[float] = []
+        for provider in self.providers:
+            context = (await self._breakers.get_breaker(provider.name)).context
+            if context.state != "opened" or context.opened_at is None:
+                return 0.0
+            waits.append(context.opened_at + context.ttl - now)
+        return max(min(waits), 0.0)
+
+    async def aclose(self) -> None:
+        """Close every provider that holds connections (HTTP pools), and the limiter."""
+        await self.limiter.aclose()
+        for provider in self.providers:
+            close = getattr(provider, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def states(self) -> dict[str, str]:
+        """Each provider's breaker state: closed, opened or half-opened."""
+        return {p.name: (await self._breakers.get_breaker(p.name)).context.state
+                for p in self.providers}
