@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from throttled.asyncio import MemoryStore, RateLimiterType, RedisStore, Throttled, per_duration
@@ -42,7 +42,8 @@ class TokenBucketLimiter:
     """``RateLimiter`` with one even-paced bucket per provider (memory, or Redis)."""
 
     def __init__(self, rates: dict[str, Rate], namespace: str, redis_url: str | None = None):
-        store = RedisStore(server=redis_url) if redis_url else MemoryStore()
+        self._store = RedisStore(server=redis_url) if redis_url else MemoryStore()
+        store = self._store
         self._buckets = {
             name: Throttled(
                 using=RateLimiterType.GCRA.value,
@@ -92,6 +93,12 @@ class TokenBucketLimiter:
         self._paused_until[provider] = max(self._paused_until.get(provider, 0.0), until)
 
     async def aclose(self) -> None:
-        """Close the Redis connection, if any."""
+        """Close the Redis connections, if any."""
         if self._redis is not None:
             await self._redis.aclose()
+        if isinstance(self._store, RedisStore):
+            # throttled-py has no close(); its client is the one get_client() made,
+            # on a pool it passed in (so the client's own aclose leaves it open).
+            client: Any = self._store._backend.get_client()
+            await client.aclose()
+            await client.connection_pool.disconnect()

@@ -24,7 +24,7 @@ import math
 import re
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -128,6 +128,7 @@ class Call:
     authorization: str | None
     body: Any
     status: int = 0
+    at: float = field(default_factory=time.monotonic)  #: when it arrived (monotonic)
 
 
 class _Server(uvicorn.Server):
