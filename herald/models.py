@@ -18,6 +18,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime (SQLite hands timestamps back naive)."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def _ts(nullable: bool = False) -> Column[datetime]:
     return Column(DateTime(timezone=True), nullable=nullable)
 
@@ -64,11 +69,45 @@ class Delivery(SQLModel, table=True):
     event_type: str = Field(max_length=100)
     channel: str = Field(max_length=20)
     recipient: str = Field(max_length=100)
-    status: str = Field(max_length=20)  # sending | sent | failed | dead
+    #: sending | sent | failed | dead | cancelled | suppressed | held | digesting | digested
+    status: str = Field(max_length=20)
     provider: str | None = Field(default=None, max_length=50)
     attempts: int = 0
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     claimed_until: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
     sent_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    #: For a delivery held for a digest: its subject line and where the digest goes.
+    summary: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    address: str | None = Field(default=None, max_length=320)
     created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
     updated_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """The answer given to a request that carried an ``Idempotency-Key``, for replay.
+
+    Written in the same transaction as what the request changed, so a key is
+    stored if and only if its effect is.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("route", "key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    route: str = Field(max_length=100)
+    key: str = Field(max_length=255)
+    request_hash: str = Field(max_length=64)
+    status_code: int
+    response_body: str = Field(sa_column=Column(Text, nullable=False))
+    response_headers: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class Cancellation(SQLModel, table=True):
+    """A ``cancel_key`` whose pending notifications must not be sent any more."""
+
+    __tablename__ = "cancellations"
+
+    key: str = Field(primary_key=True, max_length=200)
+    cancelled_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    request_count: int = 1

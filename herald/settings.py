@@ -211,6 +211,9 @@ class Settings(BaseSettings):
     sendgrid_rate_limit: Annotated[Rate | None, NoDecode, BeforeValidator(_rate)] = None
     email_providers: Annotated[list[str], NoDecode, BeforeValidator(_providers)] = Field(
         default_factory=lambda: ["smtp"])
+    recipient_limit: Annotated[Rate | None, NoDecode, BeforeValidator(
+        lambda v: None if v in ("", "0", "off", None) else _rate(v))] = None
+    digest_interval: Duration = 60.0
     breaker_threshold: int = Field(default=5, ge=1, le=1000)
     breaker_cooldown: Duration = 30.0
     redis_url: str | None = None

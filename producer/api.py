@@ -1,41 +1,33 @@
-"""The HTTP API: the seed's routes. It writes rows and outbox events, never calls the broker."""
+"""The HTTP API (seed routes, ``/events``): writes rows and outbox events, never the broker."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, func, select
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald.db import init_db, make_engine, session_factory
 from herald.logs import setup_logging, setup_sentry
 from herald.metrics import OUTBOX_PENDING
 from herald.models import OutboxEvent, User
 from herald.settings import Settings, load_settings
+from producer import events, idempotency
+from producer.deps import SessionsDep
+from producer.idempotency import IdempotencyDep
 from producer.outbox import add_event
 from producer.passwords import hash_password_async, verify_password_async
 from producer.schemas import EventAccepted, LoginIn, SignupIn, UserPublic
 from topology.envelope import Actor, Envelope, Recipient
 
 log = logging.getLogger("herald.api")
-
-
-def _sessions(request: Request) -> async_sessionmaker[AsyncSession]:
-    factory: async_sessionmaker[AsyncSession] = request.app.state.sessions
-    return factory
-
-
-SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(_sessions)]
 
 
 def _recipient(user: User) -> Recipient:
@@ -62,6 +54,9 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Raise events; herald notifies by email, in-app, push and SMS.",
         lifespan=lifespan,
     )
+    app.state.settings = settings
+    idempotency.install(app)
+    app.include_router(events.router)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -88,8 +83,11 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/signup", status_code=status.HTTP_201_CREATED, tags=["events"],
-              responses={409: {"description": "email already registered"}})
-    async def signup(body: SignupIn, sessions: SessionsDep) -> EventAccepted:
+              responses={**idempotency.RESPONSES, 409: {
+                  "description": "email already registered (or a request with this "
+                                 "Idempotency-Key is still in progress)"}})
+    async def signup(body: SignupIn, sessions: SessionsDep,
+                     idem: IdempotencyDep) -> EventAccepted:
         """Create an account and raise ``user.signup`` (a welcome email), in one transaction."""
         password_hash = await hash_password_async(body.password)
         user = User(email=body.email, name=body.name, password_hash=password_hash)
@@ -99,6 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
             recipients=[_recipient(user)],
             data={"name": user.name},
         )
+        accepted = EventAccepted(user=_public(user), event_id=envelope.id)
         try:
             async with sessions() as session, session.begin():
                 taken = await session.exec(select(User.id).where(User.email == body.email))
@@ -106,14 +105,19 @@ def create_app(settings: Settings) -> FastAPI:
                     raise HTTPException(status.HTTP_409_CONFLICT, "email already registered")
                 session.add(user)
                 add_event(session, envelope)
+                await idem.stage(session, accepted)
         except IntegrityError:
+            # The email was taken meanwhile; with an Idempotency-Key, maybe by a
+            # concurrent retry of this very request, which the dependency replays.
             raise HTTPException(status.HTTP_409_CONFLICT, "email already registered") from None
         log.info("signup user=%s event=%s", user.id, envelope.id)
-        return EventAccepted(user=_public(user), event_id=envelope.id)
+        return accepted
 
     @app.post("/login", tags=["events"],
-              responses={401: {"description": "unknown email or wrong password"}})
-    async def login(body: LoginIn, request: Request, sessions: SessionsDep) -> EventAccepted:
+              responses={**idempotency.RESPONSES,
+                         401: {"description": "unknown email or wrong password"}})
+    async def login(body: LoginIn, request: Request, sessions: SessionsDep,
+                    idem: IdempotencyDep) -> EventAccepted:
         """Check credentials and raise ``user.login`` (email, in-app and opt-in SMS)."""
         async with sessions() as session:
             user = (await session.exec(select(User).where(User.email == body.email))).first()
@@ -131,9 +135,11 @@ def create_app(settings: Settings) -> FastAPI:
                 "user_agent": request.headers.get("user-agent"),
             },
         )
+        accepted = EventAccepted(user=_public(user), event_id=envelope.id)
         async with sessions() as session, session.begin():
             add_event(session, envelope)
-        return EventAccepted(user=_public(user), event_id=envelope.id)
+            await idem.stage(session, accepted)
+        return accepted
 
     return app
 

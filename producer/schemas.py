@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+
+from topology.envelope import Actor, CancelKey, Recipient
+from topology.spec import EVENT_TYPES
 
 
 def _normalise_email(value: str) -> str:
@@ -57,3 +65,81 @@ class EventAccepted(BaseModel):
 
     user: UserPublic
     event_id: str
+
+
+#: ``data`` of ``POST /events`` serialized as compact JSON may not exceed this.
+MAX_DATA_BYTES = 64 * 1024
+MAX_RECIPIENTS = 1000
+
+_EVENT_EXAMPLE: dict[str, Any] = {
+    "type": "user.post",
+    "actor": {"id": "billing-service", "name": "Billing"},
+    "recipients": [{"user_id": "u-42", "email": "ada@example.com", "name": "Ada",
+                    "locale": "en"}],
+    "data": {"title": "Your invoice is ready", "url": "https://example.com/invoices/7"},
+    "cancel_key": "invoice:7",
+    "id": "5b0f7a1e-0c59-4b8a-9d0e-2f4f1f0a9c11",
+}
+
+
+class EventIn(BaseModel):
+    """``POST /events`` body: an event raised by another service."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EVENT_EXAMPLE]})
+
+    type: str = Field(description=f"One of: {', '.join(EVENT_TYPES)}.")
+    actor: Actor
+    recipients: list[Recipient] = Field(min_length=1, max_length=MAX_RECIPIENTS)
+    data: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Template data, a JSON object of at most {MAX_DATA_BYTES} bytes.")
+    critical: bool = False
+    cancel_key: CancelKey | None = None
+    digest: bool = False
+    id: uuid.UUID | None = Field(
+        default=None,
+        description="Your id for the event; an id already accepted is answered 200, once.")
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {value!r}; known: {', '.join(EVENT_TYPES)}")
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _small_data(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > MAX_DATA_BYTES:
+            raise ValueError(f"data is {size} bytes as JSON; the limit is {MAX_DATA_BYTES} "
+                             f"(64 KiB): send references, not documents")
+        return value
+
+
+class EventQueued(BaseModel):
+    """What ``POST /events`` answers: the id the event travels under."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "examples": [{"event_id": "5b0f7a1e-0c59-4b8a-9d0e-2f4f1f0a9c11"}]})
+
+    event_id: str
+
+
+class CancelIn(BaseModel):
+    """``POST /events/cancel`` body."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"key": "invoice:7"}]})
+
+    key: CancelKey
+
+
+class Cancelled(BaseModel):
+    """What ``POST /events/cancel`` answers (the first cancellation's time, every time)."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "examples": [{"key": "invoice:7", "cancelled_at": "2025-05-01T12:30:00Z"}]})
+
+    key: str
+    cancelled_at: datetime

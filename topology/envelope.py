@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
 
 from topology.spec import EVENT_TYPES
 
 ENVELOPE_VERSION = 1
 CONTENT_TYPE = "application/json"
+
+#: A key that groups notifications one ``POST /events/cancel`` can call off.
+CancelKey = Annotated[str, StringConstraints(min_length=1, max_length=200,
+                                             pattern=r"^[A-Za-z0-9._:\-]+$")]
 
 
 class Actor(BaseModel):
@@ -46,6 +50,12 @@ class Envelope(BaseModel):
     actor: Actor
     recipients: list[Recipient] = Field(min_length=1)
     data: dict[str, Any] = Field(default_factory=dict)
+    #: Bypasses do-not-disturb and per-recipient throttling (security alerts).
+    critical: bool = False
+    #: Notifications of this event are dropped once the key is cancelled.
+    cancel_key: CancelKey | None = None
+    #: When throttled, hold the notification for a digest rather than drop it.
+    digest: bool = False
     version: int = ENVELOPE_VERSION
 
     @field_validator("type")
