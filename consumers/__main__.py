@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumers.deliveries import DeliveryStore
 from consumers.email import EmailChannel
+from consumers.policy import Policy
 from consumers.providers.base import EmailProvider
 from consumers.providers.chain import ProviderChain
 from consumers.providers.sendgrid import SendGridProvider
@@ -39,7 +40,8 @@ async def build_email_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     chain = ProviderChain("email", providers, limiter, threshold=settings.breaker_threshold,
                           cooldown=settings.breaker_cooldown)
     store = DeliveryStore(engine, lease=2 * settings.smtp_timeout + 5)
-    handler = EmailChannel(chain, Renderer(settings.templates_dir), store, settings.email_from)
+    handler = EmailChannel(chain, Renderer(settings.templates_dir), store, settings.email_from,
+                           Policy(store, settings.recipient_limit))
     return Worker(settings, handler), engine
 
 

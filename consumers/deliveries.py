@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlmodel import col, or_, select
+from sqlmodel import and_, col, func, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald.db import session_factory
@@ -21,6 +21,12 @@ class Claim(enum.Enum):
 
     GO = "go"  #: this worker owns the delivery now: send it
     ALREADY_SENT = "already_sent"  #: a previous attempt sent it: ack and skip
+    SETTLED = "settled"  #: decided before without sending (cancelled, throttled, held)
+
+
+#: Outcomes a redelivery or a replay must not undo. ``dead`` and ``failed`` are
+#: not here: replaying a dead letter is meant to try again.
+FINAL = ("sent", "cancelled", "suppressed", "held", "digesting", "digested")
 
 
 def _now() -> datetime:
@@ -61,7 +67,7 @@ class DeliveryStore:
             key = (col(Delivery.event_id) == event_id, col(Delivery.channel) == channel,
                    col(Delivery.recipient) == recipient)
             result = await session.exec(
-                update(Delivery).where(*key, col(Delivery.status) != "sent",
+                update(Delivery).where(*key, col(Delivery.status).not_in(FINAL),
                                        or_(col(Delivery.status) != "sending",
                                            col(Delivery.claimed_until) < now))
                 .values(status="sending", claimed_until=now + self.lease,
@@ -72,6 +78,8 @@ class DeliveryStore:
             row = (await session.exec(select(Delivery).where(*key))).one()
         if row.status == "sent":
             return Claim.ALREADY_SENT
+        if row.status in FINAL:
+            return Claim.SETTLED
         wait = (_aware(row.claimed_until) - now).total_seconds()
         raise DeliveryInProgress("another worker is sending this delivery",
                                  retry_after=max(wait, 0.1))
@@ -104,6 +112,64 @@ class DeliveryStore:
                                        col(Delivery.status) != "sent")
                 .values(status="dead", claimed_until=None, last_error=reason[:2000],
                         updated_at=_now()))
+            await session.commit()
+
+    async def settle(self, event_id: str, channel: str, recipient: str, status: str,
+                     reason: str, summary: str | None = None,
+                     address: str | None = None) -> None:
+        """End the claim without sending: ``cancelled``, ``suppressed`` or ``held``."""
+        await self._set(event_id, channel, recipient, status=status, claimed_until=None,
+                        last_error=reason[:2000], summary=summary, address=address)
+
+    async def sent_since(self, channel: str, recipient: str, since: datetime) -> int:
+        """How many notifications ``recipient`` was sent on ``channel`` since ``since``."""
+        async with self.sessions() as session:
+            result = await session.exec(
+                select(func.count()).select_from(Delivery).where(
+                    col(Delivery.channel) == channel, col(Delivery.recipient) == recipient,
+                    col(Delivery.status) == "sent", col(Delivery.sent_at) >= since))
+            return int(result.one())
+
+    async def held_recipients(self, channel: str) -> list[str]:
+        """Recipients with deliveries waiting for a digest (or a digest that died mid-way)."""
+        now = _now()
+        async with self.sessions() as session:
+            result = await session.exec(
+                select(Delivery.recipient).where(
+                    col(Delivery.channel) == channel,
+                    or_(col(Delivery.status) == "held",
+                        and_(col(Delivery.status) == "digesting",
+                             col(Delivery.claimed_until) < now))).distinct())
+            return list(result.all())
+
+    async def take_held(self, channel: str, recipient: str, token: str) -> list[Delivery]:
+        """Claim ``recipient``'s held deliveries for one digest (``token`` marks them ours)."""
+        now = _now()
+        async with self.sessions() as session:
+            await session.exec(
+                update(Delivery).where(
+                    col(Delivery.channel) == channel, col(Delivery.recipient) == recipient,
+                    or_(col(Delivery.status) == "held",
+                        and_(col(Delivery.status) == "digesting",
+                             col(Delivery.claimed_until) < now)))
+                .values(status="digesting", provider=token, claimed_until=now + self.lease,
+                        updated_at=now))
+            await session.commit()
+            rows = await session.exec(select(Delivery).where(
+                col(Delivery.status) == "digesting", col(Delivery.provider) == token)
+                .order_by(col(Delivery.created_at)))
+            return list(rows.all())
+
+    async def finish_digest(self, token: str, provider: str | None) -> None:
+        """Mark the digest's deliveries ``digested`` (sent), or back to ``held`` if None."""
+        values: dict[str, object] = (
+            {"status": "digested", "provider": provider, "sent_at": _now()} if provider
+            else {"status": "held", "provider": None})
+        async with self.sessions() as session:
+            await session.exec(
+                update(Delivery).where(col(Delivery.status) == "digesting",
+                                       col(Delivery.provider) == token)
+                .values(claimed_until=None, updated_at=_now(), **values))
             await session.commit()
 
     async def get(self, event_id: str, channel: str, recipient: str) -> Delivery | None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate
+from typing import Any
 
 from consumers.deliveries import Claim, DeliveryStore
+from consumers.policy import Policy
 from consumers.providers.chain import ProviderChain
 from consumers.templates import Renderer
 from herald.errors import DeliveryFailure, PermanentError
@@ -24,11 +27,12 @@ class EmailChannel:
     name = CHANNEL
 
     def __init__(self, providers: ProviderChain, renderer: Renderer, store: DeliveryStore,
-                 sender: str) -> None:
+                 sender: str, policy: Policy | None = None) -> None:
         self.providers = providers
         self.renderer = renderer
         self.store = store
         self.sender = sender
+        self.policy = policy or Policy(store, None)
 
     async def unavailable_for(self) -> float:
         """Seconds until some provider may be tried again (0: now)."""
@@ -40,28 +44,58 @@ class EmailChannel:
 
     def compose(self, envelope: Envelope, recipient: Recipient) -> EmailMessage:
         """The multipart (text + HTML) email; raises ``PermanentError`` if it cannot be built."""
-        context = {
-            "event": envelope, "recipient": recipient, "data": envelope.data,
-            "actor": envelope.actor, "occurred_at": envelope.occurred_at,
-        }
-        subject = self.renderer.render(CHANNEL, envelope.type, "subject", context)
-        text = self.renderer.render(CHANNEL, envelope.type, "txt", context)
+        message = self._render(envelope.type, self._context(envelope, recipient),
+                               recipient.name or "", str(recipient.email), recipient.user_id)
+        message["Message-ID"] = f"<{envelope.id}.{recipient.user_id}@herald>"
+        message["X-Herald-Event"] = f"{envelope.type} {envelope.id}"
+        return message
+
+    @staticmethod
+    def _context(envelope: Envelope, recipient: Recipient) -> dict[str, Any]:
+        return {"event": envelope, "recipient": recipient, "data": envelope.data,
+                "actor": envelope.actor, "occurred_at": envelope.occurred_at}
+
+    def _render(self, template: str, context: dict[str, Any], name: str, address: str,
+                who: str) -> EmailMessage:
+        subject = self.renderer.render(CHANNEL, template, "subject", context)
+        text = self.renderer.render(CHANNEL, template, "txt", context)
         message = EmailMessage()
         message["Subject"] = " ".join(subject.split())
         message["From"] = self.sender
         try:
-            message["To"] = Address(display_name=recipient.name or "",
-                                    addr_spec=str(recipient.email))
+            message["To"] = Address(display_name=name, addr_spec=address)
         except (ValueError, IndexError) as exc:
-            raise PermanentError(f"cannot address {recipient.user_id}: {exc}") from None
+            raise PermanentError(f"cannot address {who}: {exc}") from None
         message["Date"] = formatdate(localtime=False)
-        message["Message-ID"] = f"<{envelope.id}.{recipient.user_id}@herald>"
-        message["X-Herald-Event"] = f"{envelope.type} {envelope.id}"
         message.set_content(text)
-        if self.renderer.has(CHANNEL, envelope.type, "html"):
-            message.add_alternative(
-                self.renderer.render(CHANNEL, envelope.type, "html", context), subtype="html")
+        if self.renderer.has(CHANNEL, template, "html"):
+            message.add_alternative(self.renderer.render(CHANNEL, template, "html", context),
+                                    subtype="html")
         return message
+
+    async def tick(self) -> None:
+        """Send a digest to each recipient whose held notifications may go out now."""
+        for recipient in await self.store.held_recipients(CHANNEL):
+            if await self.policy.over_limit(CHANNEL, recipient) is not None:
+                continue  # still over the limit: keep holding
+            token = f"digest:{uuid.uuid4().hex}"
+            items = await self.store.take_held(CHANNEL, recipient, token)
+            if not items:
+                continue  # another worker took them
+            context = {"count": len(items), "items": [
+                {"summary": d.summary or d.event_type, "event_type": d.event_type,
+                 "at": d.created_at} for d in items]}
+            provider: str | None = None
+            try:
+                message = self._render("digest", context, "", str(items[0].address), recipient)
+                message["Message-ID"] = f"<{token.split(':')[1]}.{recipient}@herald>"
+                provider = await self.providers.send(message)
+                log.info("digest of %d sent to %s via %s", len(items), recipient, provider)
+            except DeliveryFailure as exc:
+                log.warning("digest for %s not sent (%s); kept for the next round",
+                            recipient, exc.reason)
+            finally:
+                await self.store.finish_digest(token, provider)
 
     async def dead_lettered(self, envelope: Envelope, reason: str) -> None:
         """Record the DLQ reason on every recipient not yet emailed."""
@@ -75,11 +109,24 @@ class EmailChannel:
                             envelope.id, recipient.user_id)
                 continue
             key = (envelope.id, CHANNEL, recipient.user_id)
-            if await self.store.claim(envelope.id, envelope.type, CHANNEL,
-                                      recipient.user_id) is Claim.ALREADY_SENT:
-                log.info("event %s already emailed to %s; skipped", envelope.id,
-                         recipient.user_id)
+            claim = await self.store.claim(envelope.id, envelope.type, CHANNEL,
+                                           recipient.user_id)
+            if claim is not Claim.GO:
+                log.info("event %s to %s already settled (%s); skipped", envelope.id,
+                         recipient.user_id, claim.value)
                 DELIVERIES.labels(CHANNEL, "-", "duplicate").inc()
+                continue
+            verdict = await self.policy.check(envelope, CHANNEL, recipient.user_id)
+            if verdict is not None:
+                summary = None
+                if verdict.status == "held":
+                    summary = self.renderer.render(CHANNEL, envelope.type, "subject",
+                                                   self._context(envelope, recipient))
+                await self.store.settle(*key, verdict.status, verdict.reason, summary=summary,
+                                        address=str(recipient.email))
+                DELIVERIES.labels(CHANNEL, "-", verdict.status).inc()
+                log.info("event %s not emailed to %s: %s", envelope.id, recipient.user_id,
+                         verdict.reason)
                 continue
             try:
                 message = self.compose(envelope, recipient)

@@ -61,6 +61,9 @@ class ChannelHandler(Protocol):
     async def aclose(self) -> None:
         """Release connections when the worker stops."""
 
+    async def tick(self) -> None:
+        """Periodic work (digests), every ``digest_interval``; errors are logged."""
+
 
 def _int_header(headers: dict[str, Any], name: str) -> int:
     try:
@@ -103,6 +106,7 @@ class Worker:
             queue: AbstractQueue = await channel.get_queue(self.names.work(self.handler.name))
             tag: str | None = await queue.consume(self._on_message)
             sampler = asyncio.create_task(self._sample_depths(connection))
+            ticker = asyncio.create_task(self._tick())
             self.ready.set()
             log.info("consuming %s (prefetch %d, concurrency %d)", queue.name,
                      self.settings.prefetch, self.settings.concurrency)
@@ -127,6 +131,7 @@ class Worker:
                     tag = await queue.consume(self._on_message)
                     log.info("resuming %s: the next message probes the providers", queue.name)
             sampler.cancel()
+            ticker.cancel()
             if tag is not None:
                 with suppress(Exception):
                     await queue.cancel(tag)
@@ -135,6 +140,14 @@ class Worker:
             with suppress(Exception):
                 await self.handler.aclose()
             await connection.close()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.digest_interval)
+            try:
+                await self.handler.tick()
+            except Exception:
+                log.exception("periodic work of %s failed", self.handler.name)
 
     async def _sample_depths(self, connection: AbstractRobustConnection) -> None:
         """Keep ``herald_queue_messages`` current for this channel's work queue and DLQ.
