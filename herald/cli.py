@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.table import Table
 
 from herald.errors import HeraldError
 from herald.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractRobustConnection
 
 T = TypeVar("T")
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -64,6 +67,21 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
                     "or set HERALD_AMQP_URL)") from None
 
 
+def _on_broker(settings: Settings,
+               operation: Callable[[AbstractRobustConnection], Awaitable[T]]) -> T:
+    """Run ``operation`` on a fresh broker connection, closed afterwards (see ``_run``)."""
+    from topology.dlq import connect
+
+    async def go() -> T:
+        connection = await connect(settings.amqp_url)
+        try:
+            return await operation(connection)
+        finally:
+            await connection.close()
+
+    return _run(go)
+
+
 def _channel(value: str) -> str:
     if value not in CHANNELS:
         raise typer.BadParameter(f"unknown channel {value!r}; one of: {', '.join(CHANNELS)}")
@@ -78,21 +96,16 @@ ChannelArg = Annotated[str, typer.Argument(help="email, in_app, push or sms",
 def topology_declare() -> None:
     """Create every exchange, queue and binding (idempotent)."""
     from topology.declare import declare
-    from topology.dlq import connect
     from topology.spec import build
 
     settings = _settings()
 
-    async def go() -> int:
-        connection = await connect(settings.amqp_url)
-        try:
-            topo = build(settings)
-            await declare(connection, topo)
-            return len(topo.queues)
-        finally:
-            await connection.close()
+    async def go(connection: AbstractRobustConnection) -> int:
+        topo = build(settings)
+        await declare(connection, topo)
+        return len(topo.queues)
 
-    count = _run(go)
+    count = _on_broker(settings, go)
     out.print(f"declared {count} queues under prefix {settings.prefix!r}")
 
 
@@ -121,20 +134,16 @@ def dlq_list(
     limit: Annotated[int, typer.Option(min=1, help="at most this many")] = 1000,
 ) -> None:
     """Show dead letters without consuming them."""
-    from topology.dlq import browse, connect
+    from topology.dlq import browse
     from topology.spec import Names
 
     settings = _settings()
 
-    async def go() -> list[dict[str, object]]:
-        connection = await connect(settings.amqp_url)
-        try:
-            found = await browse(connection, Names(settings.prefix), channel, limit)
-            return [m.as_dict() for m in found]
-        finally:
-            await connection.close()
+    async def go(connection: AbstractRobustConnection) -> list[dict[str, object]]:
+        found = await browse(connection, Names(settings.prefix), channel, limit)
+        return [m.as_dict() for m in found]
 
-    rows = _run(go)
+    rows = _on_broker(settings, go)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -159,7 +168,7 @@ def dlq_replay(
     replay_all: Annotated[bool, typer.Option("--all", help="every dead letter")] = False,
 ) -> None:
     """Send dead letters back to the work queue with their retry count reset."""
-    from topology.dlq import connect, replay
+    from topology.dlq import replay
     from topology.spec import Names
 
     if bool(ids) == replay_all:
@@ -167,14 +176,10 @@ def dlq_replay(
     settings = _settings()
     wanted = set(ids) if ids else None
 
-    async def go() -> list[str]:
-        connection = await connect(settings.amqp_url)
-        try:
-            return await replay(connection, Names(settings.prefix), channel, wanted)
-        finally:
-            await connection.close()
+    async def go(connection: AbstractRobustConnection) -> list[str]:
+        return await replay(connection, Names(settings.prefix), channel, wanted)
 
-    done = _run(go)
+    done = _on_broker(settings, go)
     if wanted is not None and (missing := wanted - set(done)):
         out.print(f"replayed {len(done)}; not found in the DLQ: {', '.join(sorted(missing))}")
         raise typer.Exit(1)
@@ -187,21 +192,18 @@ def dlq_purge(
     yes: Annotated[bool, typer.Option("--yes", help="really delete them")] = False,
 ) -> None:
     """Delete every dead letter of a channel (asks for --yes)."""
-    from topology.dlq import connect, purge
+    from topology.dlq import purge
     from topology.spec import Names
 
     if not yes:
         raise _fail("purging deletes the messages for good; add --yes to confirm", 2)
     settings = _settings()
 
-    async def go() -> int:
-        connection = await connect(settings.amqp_url)
-        try:
-            return await purge(connection, Names(settings.prefix), channel)
-        finally:
-            await connection.close()
+    async def go(connection: AbstractRobustConnection) -> int:
+        return await purge(connection, Names(settings.prefix), channel)
 
-    out.print(f"purged {_run(go)} message(s) from {settings.prefix}.{channel}.dlq")
+    out.print(f"purged {_on_broker(settings, go)} message(s) from "
+              f"{settings.prefix}.{channel}.dlq")
 
 
 @db_app.command("init")
@@ -233,7 +235,6 @@ def run(
     from herald.logs import setup_logging
     from herald.supervisor import Child, Supervisor, child_env, port_free
     from topology.declare import declare
-    from topology.dlq import connect
     from topology.spec import build
 
     settings = _settings()
@@ -252,19 +253,15 @@ def run(
         raise _fail(f"HERALD_API_PORT {settings.api_port} is in use on {settings.api_host}; "
                     "stop what runs there or set HERALD_API_PORT")
 
-    async def prepare() -> None:
-        connection = await connect(settings.amqp_url)
-        try:
-            await declare(connection, build(settings))
-        finally:
-            await connection.close()
+    async def prepare(connection: AbstractRobustConnection) -> None:
+        await declare(connection, build(settings))
         engine = make_engine(settings.database_url)
         try:
             await init_db(engine)
         finally:
             await engine.dispose()
 
-    _run(prepare)
+    _on_broker(settings, prepare)
     env = child_env(overrides)
     if api:
         children.append(Child("api", ["producer.api"], env))

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
 
-from topology.envelope import Actor, CancelKey, Recipient
+from topology.envelope import Actor, CancelKey, EventType, Recipient
 from topology.spec import EVENT_TYPES
 
 
@@ -87,7 +87,7 @@ class EventIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EVENT_EXAMPLE]})
 
-    type: str = Field(description=f"One of: {', '.join(EVENT_TYPES)}.")
+    type: EventType = Field(description=f"One of: {', '.join(EVENT_TYPES)}.")
     actor: Actor
     recipients: list[Recipient] = Field(min_length=1, max_length=MAX_RECIPIENTS)
     data: dict[str, Any] = Field(
@@ -99,13 +99,6 @@ class EventIn(BaseModel):
     id: uuid.UUID | None = Field(
         default=None,
         description="Your id for the event; an id already accepted is answered 200, once.")
-
-    @field_validator("type")
-    @classmethod
-    def _known_type(cls, value: str) -> str:
-        if value not in EVENT_TYPES:
-            raise ValueError(f"unknown event type {value!r}; known: {', '.join(EVENT_TYPES)}")
-        return value
 
     @field_validator("data")
     @classmethod

@@ -6,7 +6,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from topology.spec import EVENT_TYPES
 
@@ -16,6 +24,16 @@ CONTENT_TYPE = "application/json"
 #: A key that groups notifications one ``POST /events/cancel`` can call off.
 CancelKey = Annotated[str, StringConstraints(min_length=1, max_length=200,
                                              pattern=r"^[A-Za-z0-9._:\-]+$")]
+
+
+def _known_event_type(value: str) -> str:
+    if value not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {value!r}; known: {', '.join(EVENT_TYPES)}")
+    return value
+
+
+#: One of the routing keys herald knows (``topology.spec.ROUTES``).
+EventType = Annotated[str, AfterValidator(_known_event_type)]
 
 
 class Actor(BaseModel):
@@ -45,7 +63,7 @@ class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(default_factory=lambda: str(uuid.uuid4()))
-    type: str
+    type: EventType
     occurred_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     actor: Actor
     recipients: list[Recipient] = Field(min_length=1)
@@ -57,13 +75,6 @@ class Envelope(BaseModel):
     #: When throttled, hold the notification for a digest rather than drop it.
     digest: bool = False
     version: int = ENVELOPE_VERSION
-
-    @field_validator("type")
-    @classmethod
-    def _known_type(cls, value: str) -> str:
-        if value not in EVENT_TYPES:
-            raise ValueError(f"unknown event type {value!r}; known: {', '.join(EVENT_TYPES)}")
-        return value
 
     @field_validator("version")
     @classmethod
