@@ -131,11 +131,13 @@ class Worker:
                     tag = await queue.consume(self._on_message)
                     log.info("resuming %s: the next message probes the providers", queue.name)
             sampler.cancel()
-            ticker.cancel()
             if tag is not None:
                 with suppress(Exception):
                     await queue.cancel(tag)
             await self._drain()
+            # A digest being sent finishes (it returns on stop); cancel only past the bound.
+            with suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(ticker, self.settings.shutdown_timeout)
         finally:
             with suppress(Exception):
                 await self.handler.aclose()
@@ -143,7 +145,10 @@ class Worker:
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.digest_interval)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.digest_interval)
+            if self._stop.is_set():
+                return
             try:
                 await self.handler.tick()
             except Exception:
