@@ -49,6 +49,7 @@ class TokenBucketLimiter:
                 using=RateLimiterType.GCRA.value,
                 quota=per_duration(timedelta(seconds=rate.period), rate.limit, burst=1),
                 store=store,
+                key_prefix="herald",
             )
             for name, rate in rates.items()
         }
@@ -58,11 +59,16 @@ class TokenBucketLimiter:
         self._redis: Redis | None = Redis.from_url(redis_url) if redis_url else None
 
     def _key(self, provider: str) -> str:
-        return f"herald:{self._namespace}:rate:{provider}"
+        # throttled-py files the bucket under "herald:v1:gcra:" + this key;
+        # the 429 pause lives at "herald:<prefix>:rate:<provider>:pause".
+        return f"{self._namespace}:rate:{provider}"
+
+    def _pause_key(self, provider: str) -> str:
+        return f"herald:{self._namespace}:rate:{provider}:pause"
 
     async def _held_for(self, provider: str) -> float:
         if self._redis is not None:
-            ms = int(await self._redis.pttl(self._key(provider) + ":pause"))
+            ms = int(await self._redis.pttl(self._pause_key(provider)))
             return max(ms, 0) / 1000
         return self._paused_until.get(provider, 0.0) - time.monotonic()
 
@@ -86,7 +92,7 @@ class TokenBucketLimiter:
         if seconds <= 0:
             return
         if self._redis is not None:
-            await self._redis.set(self._key(provider) + ":pause", "1",
+            await self._redis.set(self._pause_key(provider), "1",
                                   px=max(int(seconds * 1000), 1))
             return
         until = time.monotonic() + seconds

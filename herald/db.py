@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -30,8 +32,8 @@ def make_engine(url: str) -> AsyncEngine:
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
@@ -39,10 +41,31 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
+#: Any fixed number: the advisory lock that serialises table creation on PostgreSQL.
+_INIT_LOCK = 0x68657261  # "hera"
+
+
 async def init_db(engine: AsyncEngine) -> None:
-    """Create missing tables (idempotent)."""
-    async with engine.begin() as conn:
-        await conn.run_sync(SQLModel.metadata.create_all)
+    """Create missing tables (idempotent, and safe when several processes start at once).
+
+    ``create_all`` checks, then creates, so two processes starting together can
+    both try. PostgreSQL: a transaction-scoped advisory lock makes them take
+    turns. SQLite (no such lock): the loser's "already exists", or the
+    "database is locked" SQLite answers at once when a reader must become a
+    writer, is retried, and its next check finds the table.
+    """
+    for attempt in range(5):
+        try:
+            async with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                       {"key": _INIT_LOCK})
+                await conn.run_sync(SQLModel.metadata.create_all)
+            return
+        except OperationalError as exc:
+            if not any(s in str(exc) for s in ("already exists", "locked")) or attempt == 4:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
