@@ -81,6 +81,8 @@ class Worker:
         self.names = Names(settings.prefix)
         self._stop = asyncio.Event()
         self._down = asyncio.Event()  # set when a message found every provider down
+        self._recovered = asyncio.Event()  # set when a probe after a pause went through
+        self._probing = False
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._retry: AbstractExchange | None = None
@@ -111,7 +113,15 @@ class Worker:
             log.info("consuming %s (prefetch %d, concurrency %d)", queue.name,
                      self.settings.prefetch, self.settings.concurrency)
             while not self._stop.is_set():
-                await _first(self._stop.wait(), self._down.wait())
+                await _first(self._stop.wait(), self._down.wait(), self._recovered.wait())
+                if self._recovered.is_set() and not self._stop.is_set() and tag is not None:
+                    # The probe went through: back to the full prefetch (a qos
+                    # change applies to consumers started after it).
+                    self._recovered.clear()
+                    await channel.set_qos(prefetch_count=self.settings.prefetch)
+                    await queue.cancel(tag)
+                    tag = await queue.consume(self._on_message)
+                    log.info("%s providers are back: full prefetch again", self.handler.name)
                 self._down.clear()
                 wait = 0.0 if self._stop.is_set() else await self.handler.unavailable_for()
                 if wait <= 0 or tag is None:
@@ -128,6 +138,11 @@ class Worker:
                     await asyncio.wait_for(self._stop.wait(), wait)
                 PAUSED.labels(self.handler.name).set(0)
                 if not self._stop.is_set():
+                    # One message at a time until one goes through: a probe, not
+                    # a prefetch's worth of messages bounced back to the tiers.
+                    await channel.set_qos(prefetch_count=1)
+                    self._probing = True
+                    self._recovered.clear()
                     tag = await queue.consume(self._on_message)
                     log.info("resuming %s: the next message probes the providers", queue.name)
             sampler.cancel()
@@ -211,6 +226,9 @@ class Worker:
             else:
                 await message.ack()
                 self._count("delivered")
+                if self._probing:
+                    self._probing = False
+                    self._recovered.set()
             finally:
                 INFLIGHT.labels(channel).dec()
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from typing import Protocol
+
+#: Awaited by a provider right before it hands the message over (after any
+#: connection set-up), so a rate limit spaces what the provider receives, not
+#: when sessions happen to start.
+Gate = Callable[[], Awaitable[None]]
 
 
 class EmailProvider(Protocol):
@@ -11,5 +17,5 @@ class EmailProvider(Protocol):
 
     name: str
 
-    async def send(self, message: EmailMessage) -> None:
-        """Hand ``message`` to the provider; return once it accepted it."""
+    async def send(self, message: EmailMessage, gate: Gate | None = None) -> None:
+        """Hand ``message`` to the provider (after awaiting ``gate``); return once accepted."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from email.message import EmailMessage
+from functools import partial
 
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
@@ -68,9 +69,9 @@ class ProviderChain:
             breaker = await self._breakers.get_breaker(provider.name)
             try:
                 async with breaker:
-                    await self.limiter.acquire(provider.name)
                     with SEND_SECONDS.labels(self.channel, provider.name).time():
-                        await provider.send(message)
+                        await provider.send(message, partial(self.limiter.acquire,
+                                                             provider.name))
                 return provider.name
             except OpenedState:
                 continue

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from consumers.providers.base import Gate
 from herald.errors import PermanentError, RateLimited, TransientError
 
 log = logging.getLogger("herald.email.sendgrid")
@@ -169,7 +170,7 @@ class SendGridProvider:
     def __repr__(self) -> str:
         return f"SendGridProvider(url={self.url!r})"  # the key stays out of logs and tracebacks
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: EmailMessage, gate: Gate | None = None) -> None:
         """POST ``message`` once; return when SendGrid answered 2xx (accepted for delivery).
 
         Raises:
@@ -181,6 +182,8 @@ class SendGridProvider:
                 connection errors, timeouts, protocol errors.
         """
         body = to_sendgrid(message)
+        if gate is not None:
+            await gate()
         try:
             response = await self._client.post(
                 self.url, json=body, timeout=self.timeout,

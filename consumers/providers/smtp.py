@@ -8,6 +8,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
+from consumers.providers.base import Gate
 from herald.errors import PermanentError, RateLimited, TransientError
 
 # "rate" only at the start of a word: "generated" or "separate" is no rate limit, and a
@@ -45,19 +46,21 @@ class SmtpProvider:
             self.start_tls = False
         self.timeout = timeout
 
-    async def send(self, message: EmailMessage) -> None:
-        """Deliver over one SMTP session; raises our error classes only."""
+    async def send(self, message: EmailMessage, gate: Gate | None = None) -> None:
+        """Deliver over one SMTP session; raises our error classes only.
+
+        ``gate`` is awaited once the session is up (greeting, TLS, login) and
+        before MAIL FROM, so connection set-up time does not bunch deliveries.
+        """
+        client = aiosmtplib.SMTP(
+            hostname=self.host, port=self.port, username=self.username,
+            password=self.password, use_tls=self.use_tls, start_tls=self.start_tls,
+            timeout=self.timeout)
         try:
-            await aiosmtplib.send(
-                message,
-                hostname=self.host,
-                port=self.port,
-                username=self.username,
-                password=self.password,
-                use_tls=self.use_tls,
-                start_tls=self.start_tls,
-                timeout=self.timeout,
-            )
+            async with client:
+                if gate is not None:
+                    await gate()
+                await client.send_message(message)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             first = exc.recipients[0]
             raise classify(first.code, first.message) from None
