@@ -353,8 +353,8 @@ class Stage:
 
 def redis_pattern(prefix: str) -> str:
     """Every key of ``prefix``: herald's own (``herald:<prefix>:…``, the 429 pause) and the
-    token buckets, which throttled-py stores as ``throttled:v1:gcra:herald:<prefix>:…``."""
-    return f"*herald:{prefix}:*"
+    token buckets, which throttled-py stores as ``herald:v1:gcra:<prefix>:…``."""
+    return f"herald*:{prefix}:*"
 
 
 async def redis_keys(prefix: str, delete: bool = False) -> list[str]:
