@@ -39,8 +39,8 @@ from bench.common import (
     peak_rss_mib,
     percentile,
     print_table,
+    run_main,
     settings_for,
-    stop_on_signals,
     temp_database,
     unique_prefix,
     wait_until,
@@ -192,13 +192,7 @@ def main() -> None:
                         help="seconds to keep watching after the last email (default 1.5)")
     parser.add_argument("--log", help="keep herald run's output in this file")
     args = parser.parse_args()
-    stop_on_signals()
-    try:
-        code = asyncio.run(burst(args))
-    except KeyboardInterrupt:
-        print("interrupted (cleaned up)", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    run_main(burst(args))
 
 
 if __name__ == "__main__":

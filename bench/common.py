@@ -17,10 +17,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aio_pika
 import asyncpg  # type: ignore[import-untyped]
@@ -88,6 +88,17 @@ def print_table(title: str, rows: Sequence[tuple[str, ...]]) -> None:
     for row in rows:
         print("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
     sys.stdout.flush()
+
+
+def run_main(main: Coroutine[Any, Any, int]) -> NoReturn:
+    """Run a benchmark's coroutine with signal-safe clean-up, then exit with its code."""
+    stop_on_signals()
+    try:
+        code = asyncio.run(main)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted (cleaned up)", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 def stop_on_signals() -> None:

@@ -51,7 +51,7 @@ from bench.common import (
     herald_cli,
     max_in_window,
     print_table,
-    stop_on_signals,
+    run_main,
     wait_until,
 )
 from bench.workers import CHANNEL, REDIS_URL, GreetedSink, Stage, redis_keys, wait_for
@@ -663,13 +663,7 @@ def main() -> None:
                         help="seconds to keep watching for duplicates at the end (1.5)")
     parser.add_argument("--log-dir", help="keep the workers' logs here (default: deleted)")
     args = parser.parse_args()
-    stop_on_signals()
-    try:
-        code = asyncio.run(bench(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted (cleaned up)", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    run_main(bench(args))
 
 
 if __name__ == "__main__":

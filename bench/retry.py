@@ -40,8 +40,8 @@ from bench.common import (
     herald_env,
     ms,
     print_table,
+    run_main,
     settings_for,
-    stop_on_signals,
     temp_database,
     unique_prefix,
     wait_until,
@@ -223,13 +223,7 @@ def main() -> None:
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--log", help="keep herald run's output in this file")
     args = parser.parse_args()
-    stop_on_signals()
-    try:
-        code = asyncio.run(retry_bench(args))
-    except KeyboardInterrupt:
-        print("interrupted (cleaned up)", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    run_main(retry_bench(args))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ from bench.common import (
     ms,
     percentile,
     print_table,
+    run_main,
     settings_for,
-    stop_on_signals,
     temp_database,
     unique_prefix,
     wait_until,
@@ -266,13 +266,7 @@ def main() -> None:
     if args.serve_naive:
         serve_naive(args.serve_naive)
         return
-    stop_on_signals()
-    try:
-        code = asyncio.run(latency_bench(args))
-    except KeyboardInterrupt:
-        print("interrupted (cleaned up)", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    run_main(latency_bench(args))
 
 
 if __name__ == "__main__":

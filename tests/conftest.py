@@ -192,6 +192,15 @@ async def topology(
 
 
 @pytest.fixture
+async def api(api_settings: Settings) -> AsyncIterator[Any]:
+    """An HTTP client on the API built from the test module's ``api_settings`` fixture."""
+    from tests.harness import api_client
+
+    async with api_client(api_settings) as client:
+        yield client
+
+
+@pytest.fixture
 async def db(settings: Settings) -> AsyncIterator[Any]:
     """An engine on the test database with the tables created."""
     engine = make_engine(settings.database_url)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
+from sqlmodel import select
 
 from consumers.__main__ import build_email_worker
 from consumers.runtime import Worker
-from herald.db import init_db, make_engine
+from herald.db import init_db, make_engine, session_factory
 from herald.settings import Settings
 from producer.api import create_app
 from producer.relay import Relay
@@ -56,4 +58,14 @@ async def email_worker(settings: Settings) -> AsyncIterator[Worker]:
     finally:
         worker.stop()
         await asyncio.wait_for(task, settings.shutdown_timeout + 10)
+        await engine.dispose()
+
+
+async def rows(settings: Settings, model: Any) -> list[Any]:
+    """Every row of ``model``'s table, read through a connection of the test's own."""
+    engine = make_engine(settings.database_url)
+    try:
+        async with session_factory(engine)() as session:
+            return list((await session.exec(select(model))).all())
+    finally:
         await engine.dispose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -14,7 +14,7 @@ from sqlmodel import col, select
 from herald.db import make_engine, session_factory
 from herald.models import OutboxEvent, User
 from herald.settings import Settings
-from tests.harness import api_client
+from tests.harness import api_client, rows
 
 PASSWORD = "correct horse battery"
 ADA = {"email": "Ada@Example.com", "password": PASSWORD, "name": "Ada"}
@@ -26,25 +26,11 @@ def api_settings(database_url: str, make_settings: Callable[..., Settings]) -> S
     return make_settings()
 
 
-@pytest.fixture
-async def api(api_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(api_settings) as client:
-        yield client
-
-
-async def _rows(settings: Settings, model: Any) -> list[Any]:
-    """Every row of ``model``'s table, read through a connection of our own."""
-    engine = make_engine(settings.database_url)
-    try:
-        async with session_factory(engine)() as session:
-            return list((await session.exec(select(model))).all())
-    finally:
-        await engine.dispose()
 
 
 async def _outbox(settings: Settings, routing_key: str | None = None) -> list[OutboxEvent]:
-    rows: list[OutboxEvent] = await _rows(settings, OutboxEvent)
-    return [r for r in rows if routing_key is None or r.routing_key == routing_key]
+    found: list[OutboxEvent] = await rows(settings, OutboxEvent)
+    return [r for r in found if routing_key is None or r.routing_key == routing_key]
 
 
 def _closed_port() -> int:
@@ -70,7 +56,7 @@ async def test_signup_commits_the_user_and_its_outbox_event(
     assert set(body["user"]) == {"id", "email", "name"}
     assert PASSWORD not in response.text
     # And the user row and exactly one unpublished user.signup event are committed
-    users: list[User] = await _rows(api_settings, User)
+    users: list[User] = await rows(api_settings, User)
     assert [u.email for u in users] == ["ada@example.com"]
     assert users[0].password_hash != PASSWORD and PASSWORD not in users[0].password_hash
     events = await _outbox(api_settings)
@@ -110,7 +96,7 @@ async def test_signup_rejects_bad_input_naming_the_field(
     assert PASSWORD not in response.text
     assert str(payload.get("password")) not in response.text
     # And nothing was written.
-    assert await _rows(api_settings, User) == []
+    assert await rows(api_settings, User) == []
     assert await _outbox(api_settings) == []
 
 
@@ -141,7 +127,7 @@ async def test_taken_email_is_409_whatever_its_case(
         assert response.status_code == 409, (email, response.text)
         assert response.json()["detail"] == "email already registered"
     # The refused signups left neither a user nor an event behind.
-    assert len(await _rows(api_settings, User)) == 1
+    assert len(await rows(api_settings, User)) == 1
     assert len(await _outbox(api_settings)) == 1
 
 

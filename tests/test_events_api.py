@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -15,7 +15,7 @@ import pydantic
 import pytest
 from fastapi import HTTPException
 from sqlalchemy.ext.asyncio import AsyncSession as SAAsyncSession
-from sqlmodel import select, update
+from sqlmodel import update
 
 from herald.cancellations import is_cancelled
 from herald.db import init_db, make_engine, session_factory
@@ -24,7 +24,7 @@ from herald.settings import Settings
 from producer import events as events_module
 from producer.idempotency import Idempotency, IdempotentReplay, fingerprint
 from producer.schemas import MAX_DATA_BYTES
-from tests.harness import api_client
+from tests.harness import api_client, rows
 from topology.envelope import Envelope
 
 TOKEN = "s3rvice-t0ken-for-tests"
@@ -45,20 +45,6 @@ def api_settings(database_url: str, make_settings: Callable[..., Settings]) -> S
     return make_settings(service_token=TOKEN)
 
 
-@pytest.fixture
-async def api(api_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(api_settings) as client:
-        yield client
-
-
-async def _rows(settings: Settings, model: Any) -> list[Any]:
-    """Every row of ``model``'s table, read through a connection of our own."""
-    engine = make_engine(settings.database_url)
-    try:
-        async with session_factory(engine)() as session:
-            return list((await session.exec(select(model))).all())
-    finally:
-        await engine.dispose()
 
 
 async def _execute(settings: Settings, statement: Any) -> None:
@@ -125,7 +111,7 @@ async def test_an_event_is_queued_in_the_outbox(
     assert response.status_code == 202, response.text
     event_id = response.json()["event_id"]
     assert response.json() == {"event_id": event_id}
-    [row] = await _rows(api_settings, OutboxEvent)
+    [row] = await rows(api_settings, OutboxEvent)
     assert row.id == event_id and row.routing_key == "user.post"
     assert row.published_at is None
     envelope = Envelope.from_json(row.body.encode())
@@ -140,7 +126,7 @@ async def test_an_event_gets_the_defaults(api: httpx.AsyncClient, api_settings: 
     minimal = {"type": "user.send_req", "actor": {"id": "a"}, "recipients": [{"user_id": "u"}]}
     response = await api.post("/events", json=minimal, headers=AUTH)
     assert response.status_code == 202, response.text
-    [row] = await _rows(api_settings, OutboxEvent)
+    [row] = await rows(api_settings, OutboxEvent)
     envelope = json.loads(row.body)
     assert envelope["data"] == {} and envelope["recipients"][0]["locale"] == "en"
     assert (envelope["critical"], envelope["cancel_key"], envelope["digest"]) == (
@@ -159,9 +145,9 @@ async def test_a_given_id_is_used_and_a_repeat_is_200_and_emits_nothing(
         response = await api.post("/events", json=again, headers=AUTH)
         assert response.status_code == 200, response.text
         assert response.json() == {"event_id": event_id}
-    rows = await _rows(api_settings, OutboxEvent)
-    assert [r.id for r in rows] == [event_id]
-    assert json.loads(rows[0].body)["data"] == EVENT["data"]
+    found = await rows(api_settings, OutboxEvent)
+    assert [r.id for r in found] == [event_id]
+    assert json.loads(found[0].body)["data"] == EVENT["data"]
 
 
 async def test_two_concurrent_events_with_one_id_emit_once(
@@ -172,7 +158,7 @@ async def test_two_concurrent_events_with_one_id_emit_once(
         api.post("/events", json={**EVENT, "id": event_id}, headers=AUTH) for _ in range(2)))
     assert sorted(r.status_code for r in responses) == [200, 202], [r.text for r in responses]
     assert all(r.json() == {"event_id": event_id} for r in responses)
-    assert len(await _rows(api_settings, OutboxEvent)) == 1
+    assert len(await rows(api_settings, OutboxEvent)) == 1
 
 
 async def test_without_an_id_two_identical_events_are_two_events(
@@ -182,8 +168,8 @@ async def test_without_an_id_two_identical_events_are_two_events(
     ids = {(await api.post("/events", json=EVENT, headers=AUTH)).json()["event_id"]
            for _ in range(2)}
     assert len(ids) == 2
-    assert {r.id for r in await _rows(api_settings, OutboxEvent)} == ids
-    assert await _rows(api_settings, IdempotencyKey) == []
+    assert {r.id for r in await rows(api_settings, OutboxEvent)} == ids
+    assert await rows(api_settings, IdempotencyKey) == []
 
 
 @pytest.mark.parametrize(
@@ -212,7 +198,7 @@ async def test_bad_events_are_422_naming_the_field(
     response = await api.post("/events", json=payload, headers=AUTH)
     assert response.status_code == 422, response.text
     assert field in _fields(response), response.text
-    assert await _rows(api_settings, OutboxEvent) == []
+    assert await rows(api_settings, OutboxEvent) == []
 
 
 async def test_an_unknown_type_is_explained(api: httpx.AsyncClient) -> None:
@@ -230,7 +216,7 @@ async def test_a_thousand_recipients_are_fine(
     recipients = [{"user_id": f"u{i}"} for i in range(1000)]
     response = await api.post("/events", json={**EVENT, "recipients": recipients}, headers=AUTH)
     assert response.status_code == 202, response.text
-    [row] = await _rows(api_settings, OutboxEvent)
+    [row] = await rows(api_settings, OutboxEvent)
     assert len(json.loads(row.body)["recipients"]) == 1000
 
 
@@ -256,7 +242,7 @@ async def test_data_up_to_64_kib_is_accepted_and_beyond_is_422(
     assert error["loc"] == ["body", "data"]
     assert "65537 bytes" in error["msg"] and "64 KiB" in error["msg"]
     assert "xxxx" not in over.text  # the oversize input is not echoed
-    assert len(await _rows(api_settings, OutboxEvent)) == 1
+    assert len(await rows(api_settings, OutboxEvent)) == 1
 
 
 # --- the service token -----------------------------------------------------------------
@@ -285,10 +271,10 @@ async def test_a_missing_or_wrong_token_is_401(
     assert response.status_code == 401, response.text
     assert response.json() == {"detail": "missing or wrong service token"}
     assert response.headers["www-authenticate"] == "Bearer"
-    assert await _rows(api_settings, OutboxEvent) == []
-    assert await _rows(api_settings, Cancellation) == []
+    assert await rows(api_settings, OutboxEvent) == []
+    assert await rows(api_settings, Cancellation) == []
     # A refused request stores no answer under its key.
-    assert await _rows(api_settings, IdempotencyKey) == []
+    assert await rows(api_settings, IdempotencyKey) == []
 
 
 @pytest.mark.parametrize(("path", "payload"), [("/events", EVENT),
@@ -304,7 +290,7 @@ async def test_without_a_configured_token_events_are_off(
             response = await api.post(path, json=payload, headers=headers)
             assert response.status_code == 503, response.text
             assert response.json() == {"detail": "set HERALD_SERVICE_TOKEN to enable /events"}
-    assert await _rows(settings, OutboxEvent) == []
+    assert await rows(settings, OutboxEvent) == []
 
 
 def test_an_empty_token_setting_means_unset(make_settings: Callable[..., Settings]) -> None:
@@ -320,7 +306,7 @@ async def test_a_refused_token_does_not_burn_the_idempotency_key(
     accepted = await api.post("/events", json=EVENT, headers={**key, **AUTH})
     assert accepted.status_code == 202, accepted.text
     assert "idempotent-replayed" not in accepted.headers
-    assert len(await _rows(api_settings, OutboxEvent)) == 1
+    assert len(await rows(api_settings, OutboxEvent)) == 1
 
 
 # --- POST /events/cancel and is_cancelled ----------------------------------------------
@@ -339,7 +325,7 @@ async def test_cancel_records_the_key_and_twice_is_fine(
     second = await api.post("/events/cancel", json={"key": "invoice:7"}, headers=AUTH)
     assert second.status_code == 202, second.text
     assert second.json() == body
-    [row] = await _rows(api_settings, Cancellation)
+    [row] = await rows(api_settings, Cancellation)
     assert row.key == "invoice:7" and row.request_count == 2
     assert "idempotent-replayed" not in second.headers
 
@@ -351,7 +337,7 @@ async def test_concurrent_first_cancellations_agree(
         api.post("/events/cancel", json={"key": "race"}, headers=AUTH) for _ in range(3)))
     assert [r.status_code for r in responses] == [202] * 3, [r.text for r in responses]
     assert len({r.json()["cancelled_at"] for r in responses}) == 1
-    [row] = await _rows(api_settings, Cancellation)
+    [row] = await rows(api_settings, Cancellation)
     assert row.request_count == 3
 
 
@@ -363,7 +349,7 @@ async def test_a_bad_cancel_is_422(
     response = await api.post("/events/cancel", json=payload, headers=AUTH)
     assert response.status_code == 422, response.text
     assert _fields(response)[0] in ("key", "reason")
-    assert await _rows(api_settings, Cancellation) == []
+    assert await rows(api_settings, Cancellation) == []
 
 
 async def test_is_cancelled_reads_what_the_api_wrote(
@@ -401,8 +387,8 @@ async def test_is_cancelled_on_an_empty_database(api_settings: Settings) -> None
 
 
 async def _counts(settings: Settings) -> tuple[int, int, int]:
-    cancellations: list[Cancellation] = await _rows(settings, Cancellation)
-    return (len(await _rows(settings, User)), len(await _rows(settings, OutboxEvent)),
+    cancellations: list[Cancellation] = await rows(settings, Cancellation)
+    return (len(await rows(settings, User)), len(await rows(settings, OutboxEvent)),
             sum(c.request_count for c in cancellations))
 
 
@@ -443,7 +429,7 @@ async def test_a_retry_with_the_key_replays_the_answer_and_emits_nothing(
         assert again.headers["idempotent-replayed"] == "true"
     # And nothing new happened: no second user, event or cancellation count
     assert await _counts(api_settings) == after_first
-    assert len(await _rows(api_settings, IdempotencyKey)) == 1
+    assert len(await rows(api_settings, IdempotencyKey)) == 1
 
 
 @pytest.mark.parametrize(("path", "payload", "code"), ROUTES)
@@ -475,7 +461,7 @@ async def test_keys_are_per_route(api: httpx.AsyncClient, api_settings: Settings
     events = await api.post("/events", json=EVENT, headers={**AUTH, **key})
     assert events.status_code == 202, events.text
     assert "idempotent-replayed" not in events.headers
-    assert len(await _rows(api_settings, OutboxEvent)) == 2
+    assert len(await rows(api_settings, OutboxEvent)) == 2
 
 
 async def test_a_quoted_key_is_the_same_key(api: httpx.AsyncClient) -> None:
@@ -506,7 +492,7 @@ async def test_a_409_is_stored_and_replayed(
     assert again.status_code == 409
     assert again.content == refused.content
     assert again.headers["idempotent-replayed"] == "true"
-    assert await _rows(api_settings, User) == []
+    assert await rows(api_settings, User) == []
     # While the same request with a new key now succeeds
     fresh = await api.post("/signup", json={**ADA, "name": "Imposter"}, headers=_key())
     assert fresh.status_code == 201
@@ -524,12 +510,12 @@ async def test_a_401_login_is_replayed_with_its_challenge(
     assert again.status_code == 401 and again.content == first.content
     assert again.headers["www-authenticate"] == "Bearer"
     assert again.headers["idempotent-replayed"] == "true"
-    assert await _rows(api_settings, OutboxEvent) != []  # the signup's only
+    assert await rows(api_settings, OutboxEvent) != []  # the signup's only
     assert len(await _outbox_of(api_settings, "user.login")) == 0
 
 
 async def _outbox_of(settings: Settings, routing_key: str) -> list[OutboxEvent]:
-    return [r for r in await _rows(settings, OutboxEvent) if r.routing_key == routing_key]
+    return [r for r in await rows(settings, OutboxEvent) if r.routing_key == routing_key]
 
 
 async def test_the_stored_fingerprint_is_not_a_fast_hash_of_the_password(
@@ -537,7 +523,7 @@ async def test_the_stored_fingerprint_is_not_a_fast_hash_of_the_password(
 ) -> None:
     key = _key()
     assert (await api.post("/signup", json=ADA, headers=key)).status_code == 201
-    [row] = await _rows(api_settings, IdempotencyKey)
+    [row] = await rows(api_settings, IdempotencyKey)
     canonical = json.dumps(ADA, sort_keys=True, separators=(",", ":")).encode()
     assert row.request_hash != hashlib.sha256(canonical).hexdigest()
     assert PASSWORD not in row.response_body and PASSWORD not in row.request_hash
@@ -554,7 +540,7 @@ async def test_a_request_that_fails_validation_is_not_stored(
     good = await api.post("/events", json=EVENT, headers={**AUTH, **key})
     assert good.status_code == 202, good.text
     assert "idempotent-replayed" not in good.headers
-    assert len(await _rows(api_settings, OutboxEvent)) == 1
+    assert len(await rows(api_settings, OutboxEvent)) == 1
 
 
 async def test_a_5xx_is_not_stored(
@@ -576,12 +562,12 @@ async def test_a_5xx_is_not_stored(
     assert first.status_code == 503
     with pytest.raises(RuntimeError, match="disk on fire"):
         await api.post("/events", json=EVENT, headers={**AUTH, **key})
-    assert await _rows(api_settings, IdempotencyKey) == []
+    assert await rows(api_settings, IdempotencyKey) == []
     # When the client retries with the same key, the request runs for real
     third = await api.post("/events", json=EVENT, headers={**AUTH, **key})
     assert third.status_code == 202, third.text
     assert "idempotent-replayed" not in third.headers
-    assert len(await _rows(api_settings, OutboxEvent)) == 1
+    assert len(await rows(api_settings, OutboxEvent)) == 1
 
 
 async def test_an_expired_key_is_free_again(
@@ -601,8 +587,8 @@ async def test_an_expired_key_is_free_again(
     assert again.status_code == 202, again.text
     assert "idempotent-replayed" not in again.headers
     assert again.json()["event_id"] != first.json()["event_id"]
-    assert len(await _rows(api_settings, OutboxEvent)) == 2
-    [row] = await _rows(api_settings, IdempotencyKey)
+    assert len(await rows(api_settings, OutboxEvent)) == 2
+    [row] = await rows(api_settings, IdempotencyKey)
     assert json.loads(row.response_body) == again.json()
     # And within the TTL it replays again
     third = await api.post("/events", json=other, headers={**AUTH, **key})
@@ -637,8 +623,8 @@ async def test_a_bad_key_is_refused_naming_the_header(
     assert "Idempotency-Key" in response.text
     if code == 422:
         assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
-    assert await _rows(api_settings, User) == []
-    assert await _rows(api_settings, IdempotencyKey) == []
+    assert await rows(api_settings, User) == []
+    assert await rows(api_settings, IdempotencyKey) == []
 
 
 async def test_a_255_character_key_is_fine(api: httpx.AsyncClient) -> None:
@@ -661,7 +647,7 @@ async def test_two_concurrent_requests_with_one_key_emit_once(
         assert [r.status_code for r in responses] == [202, 202], [r.text for r in responses]
         assert responses[0].content == responses[1].content
         assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 1
-    assert len(await _rows(api_settings, OutboxEvent)) == 3
+    assert len(await rows(api_settings, OutboxEvent)) == 3
 
 
 @pytest.mark.parametrize(("path", "payload", "code"), ROUTES)
@@ -697,7 +683,7 @@ async def test_requests_that_both_passed_the_lookup_still_emit_once(
     expected = {"/signup": (1, 1, 0), "/login": (0, 1, 0), "/events": (0, 1, 0),
                 "/events/cancel": (0, 0, 1)}[path]
     assert (users - before[0], outbox - before[1], cancels - before[2]) == expected
-    assert len(await _rows(api_settings, IdempotencyKey)) == 1
+    assert len(await rows(api_settings, IdempotencyKey)) == 1
 
 
 async def test_a_conflict_without_a_stored_answer_is_409_in_progress(
