@@ -111,3 +111,35 @@ class Cancellation(SQLModel, table=True):
     key: str = Field(primary_key=True, max_length=200)
     cancelled_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
     request_count: int = 1
+
+
+class Notification(SQLModel, table=True):
+    """An in-app notification: what the inbox shows, and why it was (not) delivered."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("event_id", "user_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: str = Field(max_length=36, index=True)
+    event_type: str = Field(max_length=100)
+    user_id: str = Field(max_length=100, index=True)
+    title: str = Field(sa_column=Column(Text, nullable=False))
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    #: True when shown in the inbox; False when the decision engine said no.
+    delivered: bool = True
+    #: The decision trail as JSON (a list of {node, label, answer}), for "why".
+    trail: str = Field(default="[]", sa_column=Column(Text, nullable=False))
+    reason: str = Field(default="", sa_column=Column(Text, nullable=False))
+    read_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token issued by ``POST /login``; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    token_hash: str = Field(primary_key=True, max_length=64)
+    user_id: str = Field(max_length=36, index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    expires_at: datetime = Field(sa_column=_ts())
