@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from email.message import EmailMessage
 from urllib.parse import unquote, urlsplit
@@ -57,10 +58,18 @@ class SmtpProvider:
             password=self.password, use_tls=self.use_tls, start_tls=self.start_tls,
             timeout=self.timeout)
         try:
-            async with client:
+            await client.connect()
+            try:
                 if gate is not None:
                     await gate()
                 await client.send_message(message)
+            except BaseException:
+                # No polite QUIT on failure or cancellation: a hung server would
+                # hold a worker's shutdown for a whole SMTP timeout.
+                client.close()
+                raise
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await client.quit()
         except aiosmtplib.SMTPRecipientsRefused as exc:
             first = exc.recipients[0]
             raise classify(first.code, first.message) from None
