@@ -7,11 +7,13 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumers.deliveries import DeliveryStore
 from consumers.email import EmailChannel
+from consumers.in_app import InAppChannel
 from consumers.policy import Policy
 from consumers.providers.base import EmailProvider
 from consumers.providers.chain import ProviderChain
@@ -27,7 +29,7 @@ from herald.metrics import serve as serve_metrics
 from herald.settings import Settings, load_settings
 
 log = logging.getLogger("herald.worker")
-CHANNELS = ("email",)
+CHANNELS = ("email", "in_app")
 
 
 async def build_email_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
@@ -43,6 +45,23 @@ async def build_email_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     handler = EmailChannel(chain, Renderer(settings.templates_dir), store, settings.email_from,
                            Policy(store, settings.recipient_limit))
     return Worker(settings, handler), engine
+
+
+async def build_in_app_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
+    """The in-app worker for ``settings`` and the engine it writes notifications with."""
+    engine = make_engine(settings.database_url)
+    await init_db(engine)
+    # No provider timeout bounds a DB insert; the lease only has to outlast one.
+    store = DeliveryStore(engine, lease=30)
+    handler = InAppChannel(Renderer(settings.templates_dir), store,
+                           Policy(store, settings.recipient_limit))
+    return Worker(settings, handler), engine
+
+
+BUILDERS: dict[str, Callable[[Settings], Awaitable[tuple[Worker, AsyncEngine]]]] = {
+    "email": build_email_worker,
+    "in_app": build_in_app_worker,
+}
 
 
 def email_providers(settings: Settings) -> list[EmailProvider]:
@@ -63,9 +82,11 @@ def email_providers(settings: Settings) -> list[EmailProvider]:
 
 async def run_channel(settings: Settings, channel: str) -> Worker:
     """Build and run ``channel``'s worker until a signal stops it; returns it for its stats."""
-    if channel != "email":
-        raise ConfigError(f"no worker for channel {channel!r} yet; available: email")
-    worker, engine = await build_email_worker(settings)
+    build = BUILDERS.get(channel)
+    if build is None:
+        raise ConfigError(f"no worker for channel {channel!r} yet; available: "
+                          f"{', '.join(BUILDERS)}")
+    worker, engine = await build(settings)
     serve_metrics(settings.worker_metrics_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,7 +100,7 @@ async def run_channel(settings: Settings, channel: str) -> Worker:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m consumers email``."""
+    """Entry point: ``python -m consumers email`` (or ``in_app``)."""
     parser = argparse.ArgumentParser(prog="python -m consumers")
     parser.add_argument("channel", choices=CHANNELS)
     args = parser.parse_args(argv)

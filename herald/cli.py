@@ -226,11 +226,11 @@ def db_init() -> None:
 
 @app.command("run")
 def run(
-    worker: Annotated[bool, typer.Option(help="run the email worker")] = True,
+    worker: Annotated[bool, typer.Option(help="run the email and in-app workers")] = True,
     api: Annotated[bool, typer.Option(help="run the HTTP API")] = True,
     relay: Annotated[bool, typer.Option(help="run the outbox relay")] = True,
 ) -> None:
-    """Run the API, the outbox relay and the email worker (and a dev mail sink if no SMTP)."""
+    """Run the API, the outbox relay, the email and in-app workers (and a dev SMTP sink)."""
     from herald.db import init_db, make_engine
     from herald.logs import setup_logging
     from herald.supervisor import Child, Supervisor, child_env, port_free
@@ -269,6 +269,12 @@ def run(
         children.append(Child("relay", ["producer.relay"], env))
     if worker:
         children.append(Child("worker.email", ["consumers", "email"], env))
+        in_app_env = env
+        if "HERALD_WORKER_METRICS_PORT" in overrides:
+            # The email worker has 9464; the next port, or no metrics, for this one.
+            in_app_env = child_env({**overrides, "HERALD_WORKER_METRICS_PORT":
+                                    "9465" if port_free("127.0.0.1", 9465) else "0"})
+        children.append(Child("worker.in_app", ["consumers", "in_app"], in_app_env))
         if not settings.smtp_url:
             children.append(Child("mailsink", ["herald.mailsink"], env))
     if api:

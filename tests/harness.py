@@ -1,4 +1,4 @@
-"""Run herald's parts in-process for tests: API client, relay, email worker."""
+"""Run herald's parts in-process for tests: API client, relay, email and in-app workers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from sqlmodel import select
 
-from consumers.__main__ import build_email_worker
+from consumers.__main__ import build_email_worker, build_in_app_worker
 from consumers.runtime import Worker
 from herald.db import init_db, make_engine, session_factory
 from herald.settings import Settings
@@ -68,4 +68,22 @@ async def rows(settings: Settings, model: Any) -> list[Any]:
         async with session_factory(engine)() as session:
             return list((await session.exec(select(model))).all())
     finally:
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def in_app_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """The in-app worker consuming in the background (ready when entered)."""
+    worker, engine = await build_in_app_worker(settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        ready = asyncio.create_task(worker.ready.wait())
+        done, _ = await asyncio.wait({ready, task}, timeout=15, return_when="FIRST_COMPLETED")
+        if task in done:
+            task.result()  # raise what stopped it
+        assert worker.ready.is_set(), "worker did not start consuming"
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, settings.shutdown_timeout + 10)
         await engine.dispose()

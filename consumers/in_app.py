@@ -1,0 +1,141 @@
+"""The in-app channel: render the event into a ``Notification`` row that the inbox API reads.
+
+The database is the provider: no rate limiter, no fallback chain, and the
+channel is never "down" in the provider sense (a database outage is a
+``TransientError`` and goes through the retry ladder like any other).
+
+Where the decision engine plugs in (issue 3): once users' notification
+preferences are stored, ``user.post`` deliveries go through
+:func:`consumers.decide.decide` in :meth:`InAppChannel._notify`, between the
+policy check and rendering. A "no" is then still a row (``delivered=False``,
+``trail`` = the decision trail as JSON, ``reason`` = the deciding node), so
+the inbox can answer "why was I not notified". Until preferences exist every
+recipient is notified and ``decide()`` is not called.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import suppress
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from consumers.deliveries import Claim, DeliveryStore
+from consumers.policy import Policy
+from consumers.templates import Renderer
+from herald.errors import DeliveryFailure, TransientError
+from herald.metrics import DELIVERIES
+from herald.models import Notification
+from topology.envelope import Envelope, Recipient
+
+log = logging.getLogger("herald.in_app")
+CHANNEL = "in_app"
+#: What ``Delivery.provider`` records for an in-app notification: the row is the delivery.
+PROVIDER = "db"
+
+
+class InAppChannel:
+    """Writes one inbox notification per (event, recipient), however often the message comes.
+
+    Templates ``templates/in_app/<event>.title.j2`` and ``.body.j2`` are
+    rendered as plain text (the text environment: no autoescape). That is
+    safe only because the inbox shows them as text; a client that renders
+    them as HTML must escape them itself.
+    """
+
+    name = CHANNEL
+
+    def __init__(self, renderer: Renderer, store: DeliveryStore,
+                 policy: Policy | None = None) -> None:
+        self.renderer = renderer
+        self.store = store
+        self.policy = policy or Policy(store, None)
+
+    async def unavailable_for(self) -> float:
+        """Always 0: there is no provider to wait for."""
+        return 0.0
+
+    async def aclose(self) -> None:
+        """Nothing to release (the engine belongs to whoever built the store)."""
+
+    async def tick(self) -> None:
+        """No periodic work: in-app notifications are not digested."""
+
+    async def dead_lettered(self, envelope: Envelope, reason: str) -> None:
+        """Record the DLQ reason on every recipient not yet notified."""
+        await self.store.dead(envelope.id, CHANNEL, reason)
+
+    async def deliver(self, envelope: Envelope) -> None:
+        """Notify every recipient not yet notified; raise the first failure after recording it.
+
+        Idempotent: a settled delivery is skipped, and the unique
+        (event_id, user_id) on ``notifications`` keeps a redelivery that
+        raced past the claim from inserting a second row. Database errors
+        raise ``TransientError``; a missing or broken template ``PermanentError``.
+        """
+        for recipient in envelope.recipients:
+            try:
+                await self._notify(envelope, recipient)
+            except DeliveryFailure:
+                raise
+            except (SQLAlchemyError, OSError) as exc:
+                raise TransientError(f"database: {type(exc).__name__}: {exc}"[:500]) from None
+
+    async def _notify(self, envelope: Envelope, recipient: Recipient) -> None:
+        key = (envelope.id, CHANNEL, recipient.user_id)
+        claim = await self.store.claim(envelope.id, envelope.type, CHANNEL, recipient.user_id)
+        if claim is not Claim.GO:
+            log.info("event %s to %s already settled (%s); skipped", envelope.id,
+                     recipient.user_id, claim.value)
+            DELIVERIES.labels(CHANNEL, "-", "duplicate").inc()
+            return
+        verdict = await self.policy.check(envelope, CHANNEL, recipient.user_id)
+        if verdict is not None:
+            # "held" (digest) is recorded like the others but nothing digests in-app
+            # notifications; the inbox is already the digest.
+            await self.store.settle(*key, verdict.status, verdict.reason)
+            DELIVERIES.labels(CHANNEL, "-", verdict.status).inc()
+            log.info("event %s not notified in-app to %s: %s", envelope.id,
+                     recipient.user_id, verdict.reason)
+            return
+        # decide() plugs in here for user.post (see the module docstring).
+        try:
+            context = self._context(envelope, recipient)
+            title = " ".join(self.renderer.render(CHANNEL, envelope.type, "title",
+                                                  context).split())
+            body = self.renderer.render(CHANNEL, envelope.type, "body", context)
+            await self._insert(Notification(
+                event_id=envelope.id, event_type=envelope.type, user_id=recipient.user_id,
+                title=title, body=body, delivered=True, trail="[]",
+                reason=f"notified: {envelope.type}"))
+        except DeliveryFailure as exc:
+            DELIVERIES.labels(CHANNEL, "-", "failed").inc()
+            await self.store.failed(*key, exc.reason)
+            raise
+        except (SQLAlchemyError, OSError) as exc:
+            DELIVERIES.labels(CHANNEL, "-", "failed").inc()
+            reason = f"database: {type(exc).__name__}: {exc}"[:500]
+            with suppress(SQLAlchemyError, OSError):  # else the lease runs out; a retry takes it
+                await self.store.failed(*key, reason)
+            raise TransientError(reason) from None
+        await self.store.sent(*key, PROVIDER)
+        DELIVERIES.labels(CHANNEL, PROVIDER, "sent").inc()
+        log.info("event %s (%s) notified in-app to %s", envelope.id, envelope.type,
+                 recipient.user_id)
+
+    async def _insert(self, row: Notification) -> None:
+        """Insert ``row``; an existing (event_id, user_id) row counts as done."""
+        async with self.store.sessions() as session:
+            session.add(row)
+            try:
+                await session.commit()
+            except IntegrityError:
+                await session.rollback()
+                log.info("event %s: notification for %s already stored", row.event_id,
+                         row.user_id)
+
+    @staticmethod
+    def _context(envelope: Envelope, recipient: Recipient) -> dict[str, Any]:
+        return {"event": envelope, "recipient": recipient, "data": envelope.data,
+                "actor": envelope.actor, "occurred_at": envelope.occurred_at}
