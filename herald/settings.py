@@ -224,6 +224,8 @@ class Settings(BaseSettings):
     service_token: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
     #: How long an ``Idempotency-Key`` answer is replayed; after that the key is free again.
     idempotency_ttl: Duration = 86400.0
+    #: How long a bearer token from ``POST /login`` is accepted.
+    token_ttl: Duration = 86400.0
     prefetch: int = Field(default=10, ge=1, le=10_000)
     concurrency: int = Field(default=10, ge=1, le=10_000)
     shutdown_timeout: Duration = 10.0

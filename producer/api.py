@@ -19,12 +19,13 @@ from herald.logs import setup_logging, setup_sentry
 from herald.metrics import OUTBOX_PENDING
 from herald.models import OutboxEvent, User
 from herald.settings import Settings, load_settings
-from producer import events, idempotency
+from producer import events, idempotency, inbox
+from producer.auth import issue_token
 from producer.deps import SessionsDep
 from producer.idempotency import IdempotencyDep
 from producer.outbox import add_event
 from producer.passwords import hash_password_async, verify_password_async
-from producer.schemas import EventAccepted, LoginIn, SignupIn, UserPublic
+from producer.schemas import EventAccepted, LoginAccepted, LoginIn, SignupIn, UserPublic
 from topology.envelope import Actor, Envelope, Recipient
 
 log = logging.getLogger("herald.api")
@@ -57,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     idempotency.install(app)
     app.include_router(events.router)
+    app.include_router(inbox.router)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -117,8 +119,13 @@ def create_app(settings: Settings) -> FastAPI:
               responses={**idempotency.RESPONSES,
                          401: {"description": "unknown email or wrong password"}})
     async def login(body: LoginIn, request: Request, sessions: SessionsDep,
-                    idem: IdempotencyDep) -> EventAccepted:
-        """Check credentials and raise ``user.login`` (email, in-app and opt-in SMS)."""
+                    idem: IdempotencyDep) -> LoginAccepted:
+        """Check credentials, raise ``user.login`` and answer a bearer token for ``/me/…``.
+
+        With an ``Idempotency-Key``, a retry replays the same token (stored
+        sealed with the password, see ``producer.idempotency``): one login,
+        one valid token, never a second one.
+        """
         async with sessions() as session:
             user = (await session.exec(select(User).where(User.email == body.email))).first()
         ok = await verify_password_async(user.password_hash if user else None, body.password)
@@ -135,9 +142,12 @@ def create_app(settings: Settings) -> FastAPI:
                 "user_agent": request.headers.get("user-agent"),
             },
         )
-        accepted = EventAccepted(user=_public(user), event_id=envelope.id)
         async with sessions() as session, session.begin():
             add_event(session, envelope)
+            # In the key's transaction: a concurrent retry that loses rolls its token back.
+            token = issue_token(session, user.id, settings.token_ttl)
+            accepted = LoginAccepted(user=_public(user), event_id=envelope.id,
+                                     access_token=token, expires_in=round(settings.token_ttl))
             await idem.stage(session, accepted)
         return accepted
 

@@ -13,7 +13,13 @@ Idempotency-Key HTTP Header Field" (draft-ietf-httpapi-idempotency-key-header):
   concurrent requests with one key cannot both take effect: the loser replays
   the winner's answer (or gets 409 while none is stored);
 - keys are scoped per route and expire after ``HERALD_IDEMPOTENCY_TTL``; an
-  expired key is treated as unseen and its row replaced.
+  expired key is treated as unseen and its row replaced;
+- an answer that carries a secret (:data:`SEALED_FIELDS`: the bearer token of
+  ``POST /login``) is stored with that value sealed by a key derived (scrypt)
+  from the request's own password, and unsealed on replay. So a retry gets
+  the same token byte for byte (never a second valid one), while the
+  database holds neither the token nor anything that yields it without the
+  password.
 
 Routes take :data:`IdempotencyDep` and call :meth:`Idempotency.stage` in the
 transaction that writes their effect; without the header that is a no-op.
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -46,6 +53,9 @@ MAX_KEY_LENGTH = 255
 #: Body fields that only ever enter the fingerprint through a slow salted hash:
 #: the stored fingerprint of a login must not be a fast hash of the password.
 SECRET_FIELDS = frozenset({"password"})
+#: Answer fields stored sealed with a key derived from the request's :data:`SECRET_FIELDS`.
+SEALED_FIELDS = frozenset({"access_token"})
+_SEALED = re.compile(r'"sealed:([0-9a-f]+)"')
 
 #: ``responses=`` entries every idempotent route documents.
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -80,6 +90,8 @@ class Idempotency:
     fingerprint: str
     ttl: float
     default_status: int = status.HTTP_200_OK
+    #: Key of :data:`SEALED_FIELDS`, from the request's secret fields (None without any).
+    seal: bytes | None = None
 
     async def stage(self, session: AsyncSession, body: BaseModel,
                     status_code: int | None = None) -> None:
@@ -92,9 +104,17 @@ class Idempotency:
         """
         if self.key is None:
             return
+        raw = body.model_dump_json()
+        for name in SEALED_FIELDS:
+            value = getattr(body, name, None)
+            if isinstance(value, str):
+                if self.seal is None:
+                    raise RuntimeError(f"no secret in the request to seal {name!r} with; "
+                                       "refusing to store it in clear")
+                sealed = _xor(value.encode(), self.seal).hex()
+                raw = raw.replace(json.dumps(value), f'"sealed:{sealed}"')
         await self._replace_expired(session)
-        session.add(self._row(status_code or self.default_status,
-                              body.model_dump_json().encode(), {}))
+        session.add(self._row(status_code or self.default_status, raw.encode(), {}))
 
     async def lookup(self, sessions: async_sessionmaker[AsyncSession]) -> IdempotencyKey | None:
         """The stored answer for this key, unless there is none or it expired."""
@@ -113,6 +133,11 @@ class Idempotency:
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 f"this {HEADER} was already used with another request body on "
                 f"{self.route}; send a new key for a new request")
+        seal = self.seal
+        if seal is not None:  # same fingerprint, so the same password: the same seal
+            row.response_body = _SEALED.sub(
+                lambda m: json.dumps(_xor(bytes.fromhex(m.group(1)), seal).decode()),
+                row.response_body)
         raise IdempotentReplay(row)
 
     async def store_failure(self, sessions: async_sessionmaker[AsyncSession],
@@ -155,6 +180,36 @@ class Idempotency:
 
 def _scrypt(secret: str, salt: bytes) -> str:
     return hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32).hex()
+
+
+def _xor(data: bytes, seal: bytes) -> bytes:
+    # SHAKE-256 of the seal as a keystream. Written by hand rather than with
+    # `cryptography`'s AEAD because the key is single-use (unique to route, key
+    # and password; it seals one answer) and the value is one short token: the
+    # stdlib suffices without a new native dependency. No integrity is claimed:
+    # whoever can write the table can already replace the stored answer.
+    pad = hashlib.shake_256(seal).digest(len(data))
+    return bytes(a ^ b for a, b in zip(data, pad, strict=True))
+
+
+async def seal_key(raw: bytes, route: str, key: str) -> bytes | None:
+    """The key that seals this request's answer: scrypt of its :data:`SECRET_FIELDS`.
+
+    ``None`` when the body has none. Salted apart from :func:`fingerprint`,
+    so the stored fingerprint says nothing about it.
+    """
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    found = [doc[name] for name in sorted(SECRET_FIELDS & doc.keys())
+             if isinstance(doc[name], str)]
+    if not found:
+        return None
+    salt = f"{route}\n{key}\nseal".encode()
+    return bytes.fromhex(await asyncio.to_thread(_scrypt, "\n".join(found), salt))
 
 
 async def fingerprint(raw: bytes, route: str, key: str) -> str:
@@ -200,8 +255,9 @@ async def _idempotency(
         return
     key = _unquote(key)
     sessions = get_sessions(request)
-    idem = Idempotency(key, route, await fingerprint(await request.body(), route, key), ttl,
-                       default_status)
+    raw = await request.body()
+    idem = Idempotency(key, route, await fingerprint(raw, route, key), ttl, default_status,
+                       await seal_key(raw, route, key))
     stored = await idem.lookup(sessions)
     if stored is not None:
         idem.check(stored)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
 
@@ -65,6 +65,74 @@ class EventAccepted(BaseModel):
 
     user: UserPublic
     event_id: str
+
+
+class LoginAccepted(EventAccepted):
+    """What ``POST /login`` answers: the login event and a bearer token for the user's routes."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "user": {"id": "0b5d3c1e-8f0a-4e8e-9a57-3f1b2c4d5e6f", "email": "ada@example.com",
+                 "name": "Ada"},
+        "event_id": "5b0f7a1e-0c59-4b8a-9d0e-2f4f1f0a9c11",
+        "access_token": "q5Hc0m1vJ9…", "token_type": "bearer", "expires_in": 86400}]})
+
+    access_token: str = Field(description="Send as `Authorization: Bearer <access_token>`.")
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the scheme, not a secret
+    expires_in: int = Field(description="Seconds the token is valid for (HERALD_TOKEN_TTL).")
+
+
+class NotificationItem(BaseModel):
+    """One in-app notification as the inbox shows it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 42, "event_id": "5b0f7a1e-0c59-4b8a-9d0e-2f4f1f0a9c11", "event_type": "user.login",
+        "title": "New sign-in", "body": "You signed in from Firefox on Linux.", "read": False,
+        "created_at": "2025-05-01T12:30:00Z"}]})
+
+    id: int
+    event_id: str
+    event_type: str
+    title: str
+    body: str
+    read: bool
+    created_at: datetime
+
+
+class NotificationPage(BaseModel):
+    """``GET /me/notifications``: newest first; pass ``next_before`` as ``before`` for more."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "items": [{"id": 42, "event_id": "5b0f7a1e-0c59-4b8a-9d0e-2f4f1f0a9c11",
+                   "event_type": "user.login", "title": "New sign-in",
+                   "body": "You signed in from Firefox on Linux.", "read": False,
+                   "created_at": "2025-05-01T12:30:00Z"}],
+        "unread_count": 3, "next_before": 42}]})
+
+    items: list[NotificationItem]
+    unread_count: int = Field(description="Unread delivered notifications (ignores filters).")
+    next_before: int | None = Field(
+        description="The `before` of the next page; null on the last page.")
+
+
+class MarkedRead(BaseModel):
+    """``POST /me/notifications/read-all``: how many notifications this call marked read."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"marked": 3}]})
+
+    marked: int
+
+
+class NotificationWhy(BaseModel):
+    """``GET /me/notifications/{id}/why``: the decision behind a notification, shown or not."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "delivered": False, "reason": "quiet hours",
+        "trail": [{"node": "quiet_hours", "label": "inside quiet hours?", "answer": "yes"}]}]})
+
+    delivered: bool
+    reason: str
+    trail: list[dict[str, Any]] = Field(
+        description="The decision trail, each step as the decision engine recorded it.")
 
 
 #: ``data`` of ``POST /events`` serialized as compact JSON may not exceed this.
