@@ -9,7 +9,7 @@ from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
 
-from consumers.deliveries import Claim, DeliveryStore
+from consumers.deliveries import DeliveryStore
 from consumers.policy import Policy
 from consumers.providers.chain import ProviderChain
 from consumers.templates import Renderer
@@ -109,24 +109,13 @@ class EmailChannel:
                             envelope.id, recipient.user_id)
                 continue
             key = (envelope.id, CHANNEL, recipient.user_id)
-            claim = await self.store.claim(envelope.id, envelope.type, CHANNEL,
-                                           recipient.user_id)
-            if claim is not Claim.GO:
-                log.info("event %s to %s already settled (%s); skipped", envelope.id,
-                         recipient.user_id, claim.value)
-                DELIVERIES.labels(CHANNEL, "-", "duplicate").inc()
-                continue
-            verdict = await self.policy.check(envelope, CHANNEL, recipient.user_id)
-            if verdict is not None:
-                summary = None
-                if verdict.status == "held":
-                    summary = self.renderer.render(CHANNEL, envelope.type, "subject",
-                                                   self._context(envelope, recipient))
-                await self.store.settle(*key, verdict.status, verdict.reason, summary=summary,
-                                        address=str(recipient.email))
-                DELIVERIES.labels(CHANNEL, "-", verdict.status).inc()
-                log.info("event %s not emailed to %s: %s", envelope.id, recipient.user_id,
-                         verdict.reason)
+            context = self._context(envelope, recipient)
+
+            def subject(context: dict[str, Any] = context) -> str:
+                return self.renderer.render(CHANNEL, envelope.type, "subject", context)
+
+            if not await self.policy.admit(envelope, CHANNEL, recipient.user_id, subject,
+                                           address=str(recipient.email)):
                 continue
             try:
                 message = self.compose(envelope, recipient)

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from consumers.deliveries import Claim, DeliveryStore
+from consumers.deliveries import DeliveryStore
 from consumers.policy import Policy
 from consumers.templates import Renderer
 from herald.errors import DeliveryFailure, TransientError
@@ -84,20 +84,9 @@ class InAppChannel:
 
     async def _notify(self, envelope: Envelope, recipient: Recipient) -> None:
         key = (envelope.id, CHANNEL, recipient.user_id)
-        claim = await self.store.claim(envelope.id, envelope.type, CHANNEL, recipient.user_id)
-        if claim is not Claim.GO:
-            log.info("event %s to %s already settled (%s); skipped", envelope.id,
-                     recipient.user_id, claim.value)
-            DELIVERIES.labels(CHANNEL, "-", "duplicate").inc()
-            return
-        verdict = await self.policy.check(envelope, CHANNEL, recipient.user_id)
-        if verdict is not None:
-            # "held" (digest) is recorded like the others but nothing digests in-app
-            # notifications; the inbox is already the digest.
-            await self.store.settle(*key, verdict.status, verdict.reason)
-            DELIVERIES.labels(CHANNEL, "-", verdict.status).inc()
-            log.info("event %s not notified in-app to %s: %s", envelope.id,
-                     recipient.user_id, verdict.reason)
+        # A "held" (digest) verdict is recorded like the others, but nothing digests
+        # in-app notifications: the inbox is already the digest.
+        if not await self.policy.admit(envelope, CHANNEL, recipient.user_id):
             return
         # decide() plugs in here for user.post (see the module docstring).
         try:

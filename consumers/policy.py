@@ -6,13 +6,18 @@ never a silent drop.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from consumers.deliveries import DeliveryStore
+from consumers.deliveries import Claim, DeliveryStore
 from herald.cancellations import is_cancelled
+from herald.metrics import DELIVERIES
 from herald.settings import Rate, format_duration
 from topology.envelope import Envelope
+
+log = logging.getLogger("herald.policy")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,34 @@ class Policy:
         if envelope.digest:
             return Verdict("held", reason + "; held for the next digest")
         return Verdict("suppressed", reason)
+
+    async def admit(self, envelope: Envelope, channel: str, recipient: str,
+                    summary: Callable[[], str] | None = None,
+                    address: str | None = None) -> bool:
+        """Claim the delivery and apply the rules; True when the caller should send it now.
+
+        False when it was settled before (a redelivery or replay), or when a
+        rule said no: then the outcome and its reason are recorded here.
+        ``summary`` (the subject line) is only computed for a delivery held
+        for a digest.
+        """
+        claim = await self.store.claim(envelope.id, envelope.type, channel, recipient)
+        if claim is not Claim.GO:
+            log.info("event %s to %s on %s already settled (%s); skipped", envelope.id,
+                     recipient, channel, claim.value)
+            DELIVERIES.labels(channel, "-", "duplicate").inc()
+            return False
+        verdict = await self.check(envelope, channel, recipient)
+        if verdict is None:
+            return True
+        held = verdict.status == "held" and summary is not None
+        await self.store.settle(envelope.id, channel, recipient, verdict.status, verdict.reason,
+                                summary=summary() if held and summary else None,
+                                address=address)
+        DELIVERIES.labels(channel, "-", verdict.status).inc()
+        log.info("event %s not sent on %s to %s: %s", envelope.id, channel, recipient,
+                 verdict.reason)
+        return False
 
     async def over_limit(self, channel: str, recipient: str) -> int | None:
         """The count in the current window when it has reached the limit, else None."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import select
 
 from consumers.__main__ import build_email_worker, build_in_app_worker
@@ -44,9 +45,11 @@ async def relay(settings: Settings) -> AsyncIterator[Relay]:
 
 
 @asynccontextmanager
-async def email_worker(settings: Settings) -> AsyncIterator[Worker]:
-    """The email worker consuming in the background (ready when entered)."""
-    worker, engine = await build_email_worker(settings)
+async def _running(
+    build: Callable[[Settings], Awaitable[tuple[Worker, AsyncEngine]]], settings: Settings
+) -> AsyncIterator[Worker]:
+    """A channel's worker consuming in the background (ready when entered)."""
+    worker, engine = await build(settings)
     task = asyncio.create_task(worker.run())
     try:
         ready = asyncio.create_task(worker.ready.wait())
@@ -59,6 +62,16 @@ async def email_worker(settings: Settings) -> AsyncIterator[Worker]:
         worker.stop()
         await asyncio.wait_for(task, settings.shutdown_timeout + 10)
         await engine.dispose()
+
+
+def email_worker(settings: Settings) -> AbstractAsyncContextManager[Worker]:
+    """The email worker consuming in the background (ready when entered)."""
+    return _running(build_email_worker, settings)
+
+
+def in_app_worker(settings: Settings) -> AbstractAsyncContextManager[Worker]:
+    """The in-app worker consuming in the background (ready when entered)."""
+    return _running(build_in_app_worker, settings)
 
 
 async def rows(settings: Settings, model: Any) -> list[Any]:
@@ -68,22 +81,4 @@ async def rows(settings: Settings, model: Any) -> list[Any]:
         async with session_factory(engine)() as session:
             return list((await session.exec(select(model))).all())
     finally:
-        await engine.dispose()
-
-
-@asynccontextmanager
-async def in_app_worker(settings: Settings) -> AsyncIterator[Worker]:
-    """The in-app worker consuming in the background (ready when entered)."""
-    worker, engine = await build_in_app_worker(settings)
-    task = asyncio.create_task(worker.run())
-    try:
-        ready = asyncio.create_task(worker.ready.wait())
-        done, _ = await asyncio.wait({ready, task}, timeout=15, return_when="FIRST_COMPLETED")
-        if task in done:
-            task.result()  # raise what stopped it
-        assert worker.ready.is_set(), "worker did not start consuming"
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, settings.shutdown_timeout + 10)
         await engine.dispose()
