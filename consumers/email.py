@@ -26,7 +26,7 @@ class EmailChannel:
 
     name = CHANNEL
 
-    def __init__(self, providers: ProviderChain, renderer: Renderer, store: DeliveryStore,
+    def __init__(self, providers: ProviderChain[EmailMessage], renderer: Renderer, store: DeliveryStore,
                  sender: str, policy: Policy | None = None) -> None:
         self.providers = providers
         self.renderer = renderer

@@ -69,3 +69,7 @@ class ChannelDown(Deferred):
 
 class DeliveryInProgress(Deferred):
     """Raised when another worker holds the claim on the same delivery key right now."""
+
+
+class DeadToken(PermanentError):
+    """Raised when a push service says a device token is gone (FCM UNREGISTERED, APNs 410)."""

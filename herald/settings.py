@@ -7,6 +7,7 @@ tree reads ``os.environ``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -141,21 +142,26 @@ def _http_url(url: str) -> str:
 
 
 EMAIL_PROVIDERS = ("smtp", "sendgrid")
+SMS_PROVIDERS = ("twilio", "vonage")
 
 
-def _providers(value: Any) -> Any:
-    if isinstance(value, str):
-        value = [p.strip().lower() for p in value.split(",") if p.strip()]
-    if isinstance(value, list):
-        if not value:
-            raise ValueError("name at least one provider, e.g. smtp,sendgrid")
-        unknown = [p for p in value if p not in EMAIL_PROVIDERS]
-        if unknown:
-            raise ValueError(f"unknown provider {unknown[0]!r}; known: "
-                             f"{', '.join(EMAIL_PROVIDERS)}")
-        if len(set(value)) != len(value):
-            raise ValueError("a provider is listed twice")
-    return value
+def _provider_list(known: tuple[str, ...], allow_empty: bool = False) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, str):
+            value = [p.strip().lower() for p in value.split(",") if p.strip()]
+        if isinstance(value, list):
+            if not value and not allow_empty:
+                raise ValueError(f"name at least one provider, e.g. {','.join(known)}")
+            unknown = [p for p in value if p not in known]
+            if unknown:
+                raise ValueError(f"unknown provider {unknown[0]!r}; known: {', '.join(known)}")
+            if len(set(value)) != len(value):
+                raise ValueError("a provider is listed twice")
+        return value
+    return check
+
+
+_providers = _provider_list(EMAIL_PROVIDERS)
 
 
 def _amqp_url(url: str) -> str:
@@ -218,6 +224,40 @@ class Settings(BaseSettings):
     breaker_cooldown: Duration = 30.0
     redis_url: str | None = None
 
+    #: SMS providers in fallback order; empty: the dev sink (files under ``sms_dir``).
+    sms_providers: Annotated[list[str], NoDecode, BeforeValidator(
+        _provider_list(SMS_PROVIDERS, allow_empty=True))] = Field(default_factory=list)
+    sms_rate_limit: RateSetting = Field(default_factory=lambda: Rate(10, 1.0))
+    #: A longer text is cut at this many segments (with an ellipsis), never split further.
+    sms_max_segments: int = Field(default=3, ge=1, le=10)
+    twilio_account_sid: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    twilio_auth_token: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    twilio_from: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    twilio_url: Annotated[str, AfterValidator(_http_url)] = "https://api.twilio.com"
+    vonage_api_key: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    vonage_api_secret: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    vonage_from: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    vonage_url: Annotated[str, AfterValidator(_http_url)] = "https://rest.nexmo.com"
+    provider_timeout: Duration = 10.0
+
+    #: Push: a platform without its provider configured goes to the dev sink (``push_dir``).
+    push_rate_limit: RateSetting = Field(default_factory=lambda: Rate(100, 1.0))
+    fcm_credentials_file: Path | None = None
+    fcm_url: Annotated[str, AfterValidator(_http_url)] = "https://fcm.googleapis.com"
+    apns_key_file: Path | None = None
+    apns_key_id: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    apns_team_id: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    apns_topic: Annotated[str | None, AfterValidator(lambda v: v or None)] = None
+    apns_url: Annotated[str, AfterValidator(_http_url)] = "https://api.push.apple.com"
+    vapid_private_key_file: Path | None = None
+    vapid_subject: str = "mailto:admin@herald.local"
+    #: The chart's M2: a mobile push waits this long for the user to see it elsewhere.
+    mobile_push_threshold: Duration = 120.0
+    #: J5: a user active within this window counts as present.
+    activity_window: Duration = 600.0
+    #: How long a worker trusts a cached user (prefs, contacts) without an invalidation.
+    user_cache_ttl: Duration = 30.0
+
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     #: Bearer token of ``POST /events`` (service integrations); unset disables the route.
@@ -235,6 +275,8 @@ class Settings(BaseSettings):
 
     templates_dir: Path = REPO_ROOT / "templates"
     mail_dir: Path = Path("var/mail")
+    push_dir: Path = Path("var/push")
+    sms_dir: Path = Path("var/sms")
     mailsink_port: int = Field(default=1025, ge=1, le=65535)
     log_level: str = "INFO"
     sentry_dsn: str | None = None
@@ -249,10 +291,33 @@ class Settings(BaseSettings):
         if "sendgrid" in self.email_providers and not self.sendgrid_api_key:
             raise ValueError("HERALD_SENDGRID_API_KEY: required when HERALD_EMAIL_PROVIDERS "
                              "includes sendgrid")
+        required = {
+            "twilio": ("twilio_account_sid", "twilio_auth_token", "twilio_from"),
+            "vonage": ("vonage_api_key", "vonage_api_secret", "vonage_from"),
+        }
+        for provider in self.sms_providers:
+            for name in required[provider]:
+                if not getattr(self, name):
+                    raise ValueError(f"HERALD_{name.upper()}: required when "
+                                     f"HERALD_SMS_PROVIDERS includes {provider}")
+        apns = ("apns_key_id", "apns_team_id", "apns_topic")
+        if self.apns_key_file is not None:
+            for name in apns:
+                if not getattr(self, name):
+                    raise ValueError(f"HERALD_{name.upper()}: required when "
+                                     "HERALD_APNS_KEY_FILE is set")
+        for name in ("fcm_credentials_file", "apns_key_file", "vapid_private_key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"HERALD_{name.upper()}: no such file {str(path)!r}")
         return self
 
     def rate_for(self, provider: str) -> Rate:
-        """The cap of an email provider (its own setting, else ``email_rate_limit``)."""
+        """The cap of a provider: its own setting, else its channel's rate limit."""
+        if provider in SMS_PROVIDERS:
+            return self.sms_rate_limit
+        if provider in ("fcm", "apns", "webpush"):
+            return self.push_rate_limit
         own = self.sendgrid_rate_limit if provider == "sendgrid" else None
         return own or self.email_rate_limit
 

@@ -75,6 +75,12 @@ class Names:
         return f"{self.prefix}.retry"
 
     @property
+    def live(self) -> str:
+        """The topic exchange of live updates: inbox items to API processes, cache invalidations
+        to workers. Transient traffic: only exclusive, auto-delete queues bind to it."""
+        return f"{self.prefix}.live"
+
+    @property
     def dlx(self) -> str:
         """The direct exchange of the dead-letter queues."""
         return f"{self.prefix}.dlx"
@@ -118,6 +124,7 @@ def build(settings: Settings) -> Topology:
         ExchangeSpec(n.events, "topic"),
         ExchangeSpec(n.retry, "direct"),
         ExchangeSpec(n.dlx, "direct"),
+        ExchangeSpec(n.live, "topic"),
     ]
     queues: list[QueueSpec] = []
     bindings: list[BindingSpec] = []

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from email.message import EmailMessage
 from functools import partial
+from typing import Generic, TypeVar
 
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 
-from consumers.providers.base import EmailProvider
+from consumers.providers.base import Provider
 from consumers.ratelimit import RateLimiter
 from herald.errors import (
     ChannelDown,
@@ -31,9 +31,10 @@ from herald.errors import (
 from herald.metrics import SEND_SECONDS
 
 log = logging.getLogger("herald.providers")
+M = TypeVar("M")
 
 
-class ProviderChain:
+class ProviderChain(Generic[M]):
     """Sends through the first provider that takes the message.
 
     Breakers count transient failures only (a rate limit or a bad message says
@@ -41,7 +42,7 @@ class ProviderChain:
     ``cooldown`` seconds, after which the next send is its probe.
     """
 
-    def __init__(self, channel: str, providers: list[EmailProvider], limiter: RateLimiter,
+    def __init__(self, channel: str, providers: list[Provider[M]], limiter: RateLimiter,
                  threshold: int = 5, cooldown: float = 30.0) -> None:
         if not providers:
             raise ValueError("a provider chain needs at least one provider")
@@ -58,7 +59,7 @@ class ProviderChain:
         """Provider names in the order they are tried."""
         return [p.name for p in self.providers]
 
-    async def send(self, message: EmailMessage) -> str:
+    async def send(self, message: M) -> str:
         """Deliver ``message``; return the name of the provider that accepted it.
 
         Raises ``PermanentError`` at once; otherwise the last provider's error,
