@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -15,6 +16,7 @@ from consumers.deliveries import DeliveryStore
 from consumers.email import EmailChannel
 from consumers.in_app import InAppChannel
 from consumers.policy import Policy
+from consumers.preferences import PreferenceStore
 from consumers.providers.base import EmailProvider
 from consumers.providers.chain import ProviderChain
 from consumers.providers.sendgrid import SendGridProvider
@@ -27,6 +29,7 @@ from herald.errors import ConfigError, HeraldError
 from herald.logs import setup_logging, setup_sentry
 from herald.metrics import serve as serve_metrics
 from herald.settings import Settings, load_settings
+from topology.live import LiveHub
 
 log = logging.getLogger("herald.worker")
 CHANNELS = ("email", "in_app")
@@ -53,9 +56,20 @@ async def build_in_app_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     await init_db(engine)
     # No provider timeout bounds a DB insert; the lease only has to outlast one.
     store = DeliveryStore(engine, lease=30)
+    live = LiveHub(settings)
+    prefs = preference_store(settings, store)
     handler = InAppChannel(Renderer(settings.templates_dir), store,
-                           Policy(store, settings.recipient_limit))
-    return Worker(settings, handler), engine
+                           Policy(store, settings.recipient_limit), prefs, live)
+    worker = Worker(settings, handler)
+    worker.background.append(partial(prefs.listen, live))
+    return worker, engine
+
+
+def preference_store(settings: Settings, store: DeliveryStore) -> PreferenceStore:
+    """The cached preference reader of a worker, configured from ``settings``."""
+    return PreferenceStore(store.sessions, ttl=settings.user_cache_ttl,
+                           activity_window=settings.activity_window,
+                           mobile_push_threshold=settings.mobile_push_threshold)
 
 
 BUILDERS: dict[str, Callable[[Settings], Awaitable[tuple[Worker, AsyncEngine]]]] = {

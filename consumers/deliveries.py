@@ -93,10 +93,18 @@ class DeliveryStore:
                 .values(updated_at=_now(), **values))
             await session.commit()
 
-    async def sent(self, event_id: str, channel: str, recipient: str, provider: str) -> None:
-        """Record success (the claim ends)."""
+    async def sent(self, event_id: str, channel: str, recipient: str, provider: str,
+                   trail: str | None = None) -> None:
+        """Record success (the claim ends), with the decision trail that allowed it."""
+        values: dict[str, object] = {"trail": trail} if trail is not None else {}
         await self._set(event_id, channel, recipient, status="sent", provider=provider,
-                        sent_at=_now(), claimed_until=None, last_error=None)
+                        sent_at=_now(), claimed_until=None, last_error=None, **values)
+
+    async def wait(self, event_id: str, channel: str, recipient: str, reason: str,
+                   trail: str | None = None) -> None:
+        """Release the claim of a delivery that is not due yet (``waiting``; claimable again)."""
+        await self._set(event_id, channel, recipient, status="waiting", claimed_until=None,
+                        last_error=reason[:2000], trail=trail)
 
     async def failed(self, event_id: str, channel: str, recipient: str, error: str) -> None:
         """Record a failed attempt and release the claim so a retry can take it."""
@@ -116,10 +124,11 @@ class DeliveryStore:
 
     async def settle(self, event_id: str, channel: str, recipient: str, status: str,
                      reason: str, summary: str | None = None,
-                     address: str | None = None) -> None:
+                     address: str | None = None, trail: str | None = None) -> None:
         """End the claim without sending: ``cancelled``, ``suppressed`` or ``held``."""
         await self._set(event_id, channel, recipient, status=status, claimed_until=None,
-                        last_error=reason[:2000], summary=summary, address=address)
+                        last_error=reason[:2000], summary=summary, address=address,
+                        trail=trail)
 
     async def sent_since(self, channel: str, recipient: str, since: datetime) -> int:
         """How many notifications ``recipient`` was sent on ``channel`` since ``since``."""

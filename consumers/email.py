@@ -26,8 +26,8 @@ class EmailChannel:
 
     name = CHANNEL
 
-    def __init__(self, providers: ProviderChain[EmailMessage], renderer: Renderer, store: DeliveryStore,
-                 sender: str, policy: Policy | None = None) -> None:
+    def __init__(self, providers: ProviderChain[EmailMessage], renderer: Renderer,
+                 store: DeliveryStore, sender: str, policy: Policy | None = None) -> None:
         self.providers = providers
         self.renderer = renderer
         self.store = store

@@ -4,13 +4,11 @@ The database is the provider: no rate limiter, no fallback chain, and the
 channel is never "down" in the provider sense (a database outage is a
 ``TransientError`` and goes through the retry ladder like any other).
 
-Where the decision engine plugs in (issue 3): once users' notification
-preferences are stored, ``user.post`` deliveries go through
-:func:`consumers.decide.decide` in :meth:`InAppChannel._notify`, between the
-policy check and rendering. A "no" is then still a row (``delivered=False``,
-``trail`` = the decision trail as JSON, ``reason`` = the deciding node), so
-the inbox can answer "why was I not notified". Until preferences exist every
-recipient is notified and ``decide()`` is not called.
+Every recipient's notification goes through the decision engine as a
+desktop device (:func:`consumers.decisions.decide_for`): a "no" is still a
+row (``delivered=False``, with the trail and the reason), so the inbox can
+answer "why was I not notified". A delivered row is announced on the live
+exchange so every API process can push it to the user's open inbox pages.
 """
 
 from __future__ import annotations
@@ -21,13 +19,17 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from consumers.decide import DeviceKind
+from consumers.decisions import Outcome, decide_for
 from consumers.deliveries import DeliveryStore
 from consumers.policy import Policy
+from consumers.preferences import PreferenceStore
 from consumers.templates import Renderer
 from herald.errors import DeliveryFailure, TransientError
 from herald.metrics import DELIVERIES
-from herald.models import Notification
+from herald.models import Notification, as_utc, utcnow
 from topology.envelope import Envelope, Recipient
+from topology.live import LiveHub, notification_key
 
 log = logging.getLogger("herald.in_app")
 CHANNEL = "in_app"
@@ -47,17 +49,23 @@ class InAppChannel:
     name = CHANNEL
 
     def __init__(self, renderer: Renderer, store: DeliveryStore,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None, prefs: PreferenceStore | None = None,
+                 live: LiveHub | None = None) -> None:
         self.renderer = renderer
         self.store = store
         self.policy = policy or Policy(store, None)
+        self.prefs = prefs or PreferenceStore(store.sessions, ttl=30, activity_window=600,
+                                              mobile_push_threshold=120)
+        self.live = live
 
     async def unavailable_for(self) -> float:
         """Always 0: there is no provider to wait for."""
         return 0.0
 
     async def aclose(self) -> None:
-        """Nothing to release (the engine belongs to whoever built the store)."""
+        """Close the live hub (the engine belongs to whoever built the store)."""
+        if self.live is not None:
+            await self.live.aclose()
 
     async def tick(self) -> None:
         """No periodic work: in-app notifications are not digested."""
@@ -88,16 +96,17 @@ class InAppChannel:
         # in-app notifications: the inbox is already the digest.
         if not await self.policy.admit(envelope, CHANNEL, recipient.user_id):
             return
-        # decide() plugs in here for user.post (see the module docstring).
         try:
+            outcome = await decide_for(self.prefs, envelope, recipient.user_id,
+                                       DeviceKind.DESKTOP, utcnow(), dnd_for_events=False)
             context = self._context(envelope, recipient)
             title = " ".join(self.renderer.render(CHANNEL, envelope.type, "title",
                                                   context).split())
             body = self.renderer.render(CHANNEL, envelope.type, "body", context)
-            await self._insert(Notification(
+            row = await self._insert(Notification(
                 event_id=envelope.id, event_type=envelope.type, user_id=recipient.user_id,
-                title=title, body=body, delivered=True, trail="[]",
-                reason=f"notified: {envelope.type}"))
+                title=title, body=body, delivered=outcome.notify, trail=outcome.trail_json(),
+                reason=outcome.reason))
         except DeliveryFailure as exc:
             DELIVERIES.labels(CHANNEL, "-", "failed").inc()
             await self.store.failed(*key, exc.reason)
@@ -108,13 +117,26 @@ class InAppChannel:
             with suppress(SQLAlchemyError, OSError):  # else the lease runs out; a retry takes it
                 await self.store.failed(*key, reason)
             raise TransientError(reason) from None
-        await self.store.sent(*key, PROVIDER)
+        await self._record(envelope, recipient, outcome, row)
+
+    async def _record(self, envelope: Envelope, recipient: Recipient, outcome: Outcome,
+                      row: Notification | None) -> None:
+        key = (envelope.id, CHANNEL, recipient.user_id)
+        if not outcome.notify:
+            await self.store.settle(*key, "suppressed", outcome.reason, trail=outcome.trail_json())
+            DELIVERIES.labels(CHANNEL, "-", "suppressed").inc()
+            log.info("event %s (%s) not shown to %s: %s", envelope.id, envelope.type,
+                     recipient.user_id, outcome.reason)
+            return
+        await self.store.sent(*key, PROVIDER, trail=outcome.trail_json())
         DELIVERIES.labels(CHANNEL, PROVIDER, "sent").inc()
         log.info("event %s (%s) notified in-app to %s", envelope.id, envelope.type,
                  recipient.user_id)
+        if row is not None and self.live is not None:
+            await self.live.publish(notification_key(recipient.user_id), item_json(row))
 
-    async def _insert(self, row: Notification) -> None:
-        """Insert ``row``; an existing (event_id, user_id) row counts as done."""
+    async def _insert(self, row: Notification) -> Notification | None:
+        """Insert ``row`` and return it with its id; None when (event_id, user_id) was stored."""
         async with self.store.sessions() as session:
             session.add(row)
             try:
@@ -123,8 +145,18 @@ class InAppChannel:
                 await session.rollback()
                 log.info("event %s: notification for %s already stored", row.event_id,
                          row.user_id)
+                return None
+            await session.refresh(row)
+            return row
 
     @staticmethod
     def _context(envelope: Envelope, recipient: Recipient) -> dict[str, Any]:
         return {"event": envelope, "recipient": recipient, "data": envelope.data,
                 "actor": envelope.actor, "occurred_at": envelope.occurred_at}
+
+
+def item_json(row: Notification) -> dict[str, Any]:
+    """The inbox item as ``GET /me/notifications`` shows it (what the live stream carries)."""
+    return {"id": row.id, "event_id": row.event_id, "event_type": row.event_type,
+            "title": row.title, "body": row.body, "read": row.read_at is not None,
+            "created_at": as_utc(row.created_at).isoformat()}

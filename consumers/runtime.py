@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -88,6 +89,9 @@ class Worker:
         self._retry: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
         self.ready = asyncio.Event()
+        #: Long-running side jobs (cache invalidation listeners) started with the consumer
+        #: and cancelled when it stops.
+        self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.stats = {"delivered": 0, "retried": 0, "deferred": 0, "dead_lettered": 0}
 
     def stop(self) -> None:
@@ -109,6 +113,7 @@ class Worker:
             tag: str | None = await queue.consume(self._on_message)
             sampler = asyncio.create_task(self._sample_depths(connection))
             ticker = asyncio.create_task(self._tick())
+            side = [asyncio.create_task(job()) for job in self.background]
             self.ready.set()
             log.info("consuming %s (prefetch %d, concurrency %d)", queue.name,
                      self.settings.prefetch, self.settings.concurrency)
@@ -146,6 +151,8 @@ class Worker:
                     tag = await queue.consume(self._on_message)
                     log.info("resuming %s: the next message probes the providers", queue.name)
             sampler.cancel()
+            for task in side:
+                task.cancel()
             if tag is not None:
                 with suppress(Exception):
                     await queue.cancel(tag)

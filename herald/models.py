@@ -136,7 +136,7 @@ class Post(SQLModel, table=True):
 
 
 class ThreadSubscription(SQLModel, table=True):
-    """``user_id`` follows the thread rooted at ``thread_id`` (author and repliers, automatically)."""
+    """``user_id`` follows the thread rooted at ``thread_id`` (author and repliers are added)."""
 
     __tablename__ = "thread_subscriptions"
 
@@ -199,7 +199,8 @@ class Delivery(SQLModel, table=True):
     event_type: str = Field(max_length=100)
     channel: str = Field(max_length=20)
     recipient: str = Field(max_length=100)
-    #: sending | sent | failed | dead | cancelled | suppressed | held | digesting | digested
+    #: sending | waiting | sent | failed | dead | cancelled | suppressed | held | digesting |
+    #: digested
     status: str = Field(max_length=20)
     provider: str | None = Field(default=None, max_length=50)
     attempts: int = 0

@@ -7,6 +7,7 @@ there (malformed bytes; an event type the table does not send in-app).
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -78,7 +79,8 @@ async def test_a_login_becomes_one_notification_row_and_a_sent_delivery(
     assert (row.event_id, row.user_id, row.event_type) == (envelope.id, "u-ada", "user.login")
     assert row.title == "New sign-in"
     assert "203.0.113.7" in row.body and "Firefox" in row.body
-    assert row.delivered is True and row.trail == "[]"
+    assert row.delivered is True
+    assert [step["node"] for step in json.loads(row.trail)] == ["event"]  # not a message
     assert row.reason == "notified: user.login"
     # And the delivery is recorded as sent by the database "provider"
     record = await in_app_delivery(settings, envelope)
