@@ -17,12 +17,21 @@ from consumers.email import EmailChannel
 from consumers.in_app import InAppChannel
 from consumers.policy import Policy
 from consumers.preferences import PreferenceStore
-from consumers.providers.base import EmailProvider
+from consumers.preferences import PLATFORM_KIND
+from consumers.providers.apns import ApnsProvider
+from consumers.providers.base import EmailProvider, Provider, PushMessage, SmsMessage
+from consumers.providers.devsink import DevPushSink, DevSmsSink
+from consumers.providers.fcm import FcmProvider
+from consumers.providers.twilio import TwilioProvider
+from consumers.providers.vonage import VonageProvider
+from consumers.providers.webpush import WebPushProvider
+from consumers.push import PushChannel
 from consumers.providers.chain import ProviderChain
 from consumers.providers.sendgrid import SendGridProvider
 from consumers.providers.smtp import SmtpProvider
 from consumers.ratelimit import TokenBucketLimiter
 from consumers.runtime import Worker
+from consumers.sms import SmsChannel
 from consumers.templates import Renderer
 from herald.db import init_db, make_engine
 from herald.errors import ConfigError, HeraldError
@@ -32,7 +41,7 @@ from herald.settings import Settings, load_settings
 from topology.live import LiveHub
 
 log = logging.getLogger("herald.worker")
-CHANNELS = ("email", "in_app")
+CHANNELS = ("email", "in_app", "push", "sms")
 
 
 async def build_email_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
@@ -72,9 +81,99 @@ def preference_store(settings: Settings, store: DeliveryStore) -> PreferenceStor
                            mobile_push_threshold=settings.mobile_push_threshold)
 
 
+def push_chains(settings: Settings) -> dict[str, ProviderChain[PushMessage]]:
+    """One chain per platform: its real service when configured, else the dev sink."""
+    providers: dict[str, Provider[PushMessage]] = {}
+    timeout = settings.provider_timeout
+    if settings.fcm_credentials_file is not None:
+        providers["android"] = FcmProvider(settings.fcm_credentials_file, settings.fcm_url,
+                                           timeout=timeout)
+    if settings.apns_key_file is not None:
+        assert settings.apns_key_id and settings.apns_team_id and settings.apns_topic
+        providers["ios"] = ApnsProvider(settings.apns_key_file, settings.apns_key_id,
+                                        settings.apns_team_id, settings.apns_topic,
+                                        settings.apns_url, timeout=timeout)
+    if settings.vapid_private_key_file is not None:
+        providers["web"] = WebPushProvider(settings.vapid_private_key_file,
+                                           settings.vapid_subject, timeout=timeout)
+    for platform in PLATFORM_KIND:
+        providers.setdefault(platform, DevPushSink(platform, settings.push_dir))
+    limiter = TokenBucketLimiter({p.name: settings.push_rate_limit for p in providers.values()},
+                                 namespace=settings.prefix, redis_url=settings.redis_url)
+    return {platform: ProviderChain("push", [provider], limiter,
+                                    threshold=settings.breaker_threshold,
+                                    cooldown=settings.breaker_cooldown)
+            for platform, provider in providers.items()}
+
+
+def sms_providers(settings: Settings) -> list[Provider[SmsMessage]]:
+    """``HERALD_SMS_PROVIDERS`` in fallback order; the dev sink when none is set."""
+    built: list[Provider[SmsMessage]] = []
+    timeout = settings.provider_timeout
+    for name in settings.sms_providers:
+        if name == "twilio":
+            assert settings.twilio_account_sid and settings.twilio_auth_token
+            assert settings.twilio_from  # checked by Settings
+            built.append(TwilioProvider(settings.twilio_account_sid, settings.twilio_auth_token,
+                                        settings.twilio_from, settings.twilio_url,
+                                        timeout=timeout))
+        elif name == "vonage":
+            assert settings.vonage_api_key and settings.vonage_api_secret
+            assert settings.vonage_from  # checked by Settings
+            built.append(VonageProvider(settings.vonage_api_key, settings.vonage_api_secret,
+                                        settings.vonage_from, settings.vonage_url,
+                                        timeout=timeout))
+    return built or [DevSmsSink(settings.sms_dir)]
+
+
+async def build_push_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
+    """The push worker for ``settings`` and the engine it records deliveries with."""
+    engine = make_engine(settings.database_url)
+    await init_db(engine)
+    store = DeliveryStore(engine, lease=2 * settings.provider_timeout + 5)
+    prefs = preference_store(settings, store)
+    handler = PushChannel(push_chains(settings), Renderer(settings.templates_dir), store,
+                          prefs, Policy(store, settings.recipient_limit))
+    worker = Worker(settings, handler)
+    live = LiveHub(settings)
+    worker.background.append(partial(prefs.listen, live))
+    worker.background.append(partial(_close_after, live))
+    return worker, engine
+
+
+async def build_sms_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
+    """The SMS worker for ``settings`` and the engine it records deliveries with."""
+    engine = make_engine(settings.database_url)
+    await init_db(engine)
+    providers = sms_providers(settings)
+    limiter = TokenBucketLimiter({p.name: settings.sms_rate_limit for p in providers},
+                                 namespace=settings.prefix, redis_url=settings.redis_url)
+    chain = ProviderChain("sms", providers, limiter, threshold=settings.breaker_threshold,
+                          cooldown=settings.breaker_cooldown)
+    store = DeliveryStore(engine, lease=2 * settings.provider_timeout + 5)
+    prefs = preference_store(settings, store)
+    handler = SmsChannel(chain, Renderer(settings.templates_dir), store, prefs,
+                         settings.sms_max_segments, Policy(store, settings.recipient_limit))
+    worker = Worker(settings, handler)
+    live = LiveHub(settings)
+    worker.background.append(partial(prefs.listen, live))
+    worker.background.append(partial(_close_after, live))
+    return worker, engine
+
+
+async def _close_after(live: LiveHub) -> None:
+    """Hold until the worker cancels its side jobs, then close ``live``."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await live.aclose()
+
+
 BUILDERS: dict[str, Callable[[Settings], Awaitable[tuple[Worker, AsyncEngine]]]] = {
     "email": build_email_worker,
     "in_app": build_in_app_worker,
+    "push": build_push_worker,
+    "sms": build_sms_worker,
 }
 
 

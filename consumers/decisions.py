@@ -55,6 +55,8 @@ class Outcome:
     reason: str
     trail: tuple[dict[str, Any], ...]
     wait: float | None = None
+    #: For a mobile push not yet due: the user was active after the message was posted.
+    active_since: bool = False
 
     def trail_json(self) -> str:
         """The trail as stored on a notification or delivery row."""
@@ -92,12 +94,15 @@ def chart(prefs: RecipientPrefs, kind: DeviceKind, message: Message, now: dateti
     """Walk the chart; for a mobile "not yet past the threshold", also say how long to wait."""
     decision = decide(prefs, Device(kind), message, now)
     wait: float | None = None
+    active_since = False
     last = decision.trail[-2] if len(decision.trail) > 1 else None
     if not decision.notify and last is not None and last.node_id == "M2":
-        quiet_since = message.created_at if prefs.last_active_at is None else max(
-            message.created_at, prefs.last_active_at)
+        active_since = (prefs.last_active_at is not None
+                        and prefs.last_active_at > message.created_at)
+        quiet_since = prefs.last_active_at if active_since else message.created_at
+        assert quiet_since is not None
         wait = max((prefs.mobile_push_threshold - (now - quiet_since)).total_seconds(), 0.0)
-    return Outcome(decision.notify, decision.reason, _steps(decision), wait)
+    return Outcome(decision.notify, decision.reason, _steps(decision), wait, active_since)
 
 
 def not_a_message(envelope: Envelope, prefs: RecipientPrefs, now: datetime,

@@ -18,6 +18,7 @@ from herald.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustConnection
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -206,31 +207,113 @@ def dlq_purge(
               f"{settings.prefix}.{channel}.dlq")
 
 
-@db_app.command("init")
-def db_init() -> None:
-    """Create the tables (idempotent)."""
-    from herald.db import init_db, make_engine
+def _on_database(settings: Settings, operation: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run ``operation`` on a fresh engine, disposed afterwards; database errors are one line."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-    settings = _settings()
+    from herald.db import make_engine
 
-    async def go() -> None:
-        engine = make_engine(settings.database_url)
+    url = make_url(settings.database_url)
+    where = url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
+
+    def reason(exc: Exception) -> str:
+        return str(exc.orig if isinstance(exc, DBAPIError) else exc).strip().splitlines()[0]
+
+    async def go() -> T:
         try:
-            await init_db(engine)
+            engine = make_engine(settings.database_url)
+        except OSError as exc:
+            raise HeraldError(f"cannot open the database {where}: {exc}") from None
+        try:
+            try:
+                async with engine.connect():
+                    pass
+            except (OSError, SQLAlchemyError) as exc:
+                raise HeraldError(f"cannot reach the database {where}: {reason(exc)} "
+                                  "(check HERALD_DATABASE_URL)") from None
+            try:
+                return await operation(engine)
+            except SQLAlchemyError as exc:
+                raise HeraldError(f"database error on {where}: {reason(exc)}") from None
         finally:
             await engine.dispose()
 
-    _run(go)
-    out.print("database ready")
+    return _run(go)
+
+
+def _revision(value: str) -> str:
+    """``value`` if some migration script has it (exit 2 otherwise), before any connection."""
+    from herald.migrations import check_revision
+
+    try:
+        check_revision(value)
+    except HeraldError as exc:
+        raise _fail(str(exc), 2) from None
+    return value
+
+
+def _say(text: str) -> None:
+    out.print(text, highlight=False, soft_wrap=True)
+
+
+@db_app.command("init")
+def db_init() -> None:
+    """Create or upgrade the tables to the newest revision (idempotent; = db upgrade)."""
+    from herald.db import upgrade_db
+
+    _before, after = _on_database(_settings(), upgrade_db)
+    _say(f"database ready at revision {after}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="target (default: head, the newest)")] = "head",
+) -> None:
+    """Upgrade the schema to REVISION; a database made before migrations is adopted first."""
+    from herald.db import upgrade_db
+
+    _revision(revision)
+    before, after = _on_database(_settings(), lambda engine: upgrade_db(engine, revision))
+    _say(f"already at {after}" if before == after else f"upgraded {before or 'base'} -> {after}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="target: 0001_spine (or 0001), or base")],
+) -> None:
+    """Downgrade the schema to REVISION; dropped tables and columns lose their data."""
+    from herald.db import downgrade_db
+
+    _revision(revision)
+    before, after = _on_database(_settings(), lambda engine: downgrade_db(engine, revision))
+    _say(f"already at {after or 'base'}" if before == after
+         else f"downgraded {before} -> {after or 'base'}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's revision (and whether it is the newest)."""
+    from herald.db import current_revision
+    from herald.migrations import head
+
+    revision = _on_database(_settings(), current_revision)
+    if revision is None:
+        _say("none (an empty database, or one made before migrations: "
+             "`herald db upgrade` adopts it)")
+    elif revision == head():
+        _say(f"{revision} (head)")
+    else:
+        _say(f"{revision} (head is {head()}: run `herald db upgrade`)")
 
 
 @app.command("run")
 def run(
-    worker: Annotated[bool, typer.Option(help="run the email and in-app workers")] = True,
+    worker: Annotated[bool, typer.Option(help="run the channel workers")] = True,
     api: Annotated[bool, typer.Option(help="run the HTTP API")] = True,
     relay: Annotated[bool, typer.Option(help="run the outbox relay")] = True,
 ) -> None:
-    """Run the API, the outbox relay, the email and in-app workers (and a dev SMTP sink)."""
+    """Run the API, the outbox relay, the four channel workers (and a dev SMTP sink)."""
     from herald.db import init_db, make_engine
     from herald.logs import setup_logging
     from herald.supervisor import Child, Supervisor, child_env, port_free
@@ -247,8 +330,6 @@ def run(
             raise _fail(f"HERALD_MAILSINK_PORT {settings.mailsink_port} is in use; "
                         "set another, or HERALD_SMTP_URL to a real server")
         overrides["HERALD_SMTP_URL"] = f"smtp://127.0.0.1:{settings.mailsink_port}"
-    if worker and not settings.worker_metrics_port and port_free("127.0.0.1", 9464):
-        overrides["HERALD_WORKER_METRICS_PORT"] = "9464"
     if api and not port_free(settings.api_host, settings.api_port):
         raise _fail(f"HERALD_API_PORT {settings.api_port} is in use on {settings.api_host}; "
                     "stop what runs there or set HERALD_API_PORT")
@@ -268,13 +349,17 @@ def run(
     if relay:
         children.append(Child("relay", ["producer.relay"], env))
     if worker:
-        children.append(Child("worker.email", ["consumers", "email"], env))
-        in_app_env = env
-        if "HERALD_WORKER_METRICS_PORT" in overrides:
-            # The email worker has 9464; the next port, or no metrics, for this one.
-            in_app_env = child_env({**overrides, "HERALD_WORKER_METRICS_PORT":
-                                    "9465" if port_free("127.0.0.1", 9465) else "0"})
-        children.append(Child("worker.in_app", ["consumers", "in_app"], in_app_env))
+        # Each worker exposes metrics on the next free port from 9464 unless one is set.
+        port = 9464
+        for channel in CHANNELS:
+            extra: dict[str, str] = {}
+            if not settings.worker_metrics_port:
+                while port < 9564 and not port_free("127.0.0.1", port):
+                    port += 1
+                extra["HERALD_WORKER_METRICS_PORT"] = str(port) if port < 9564 else "0"
+                port += 1
+            children.append(Child(f"worker.{channel}", ["consumers", channel],
+                                  child_env({**overrides, **extra})))
         if not settings.smtp_url:
             children.append(Child("mailsink", ["herald.mailsink"], env))
     if api:
@@ -282,8 +367,59 @@ def run(
     if "HERALD_SMTP_URL" in overrides:
         log.info("no HERALD_SMTP_URL: emails go to the dev sink and are saved in %s/",
                  settings.mail_dir)
+    if worker and not settings.sms_providers:
+        log.info("no HERALD_SMS_PROVIDERS: text messages are saved in %s/", settings.sms_dir)
+    if worker and None in (settings.fcm_credentials_file, settings.apns_key_file,
+                           settings.vapid_private_key_file):
+        log.info("push platforms without credentials are saved in %s/", settings.push_dir)
     code = asyncio.run(Supervisor(children, settings.shutdown_timeout + 5).run())
     raise typer.Exit(code)
+
+
+@app.command("why")
+def why(
+    event_id: Annotated[str, typer.Argument(help="the event id (POST /post answers it)")],
+    user: Annotated[str | None, typer.Option(help="only this user's decisions")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show, per channel, recipient and device, whether an event notified and why (not)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from herald.db import make_engine, session_factory
+    from herald.why import ChannelDecision, explain
+
+    settings = _settings()
+
+    async def go() -> list[ChannelDecision]:
+        engine = make_engine(settings.database_url)
+        try:
+            return await explain(session_factory(engine), event_id, user)
+        except SQLAlchemyError as exc:
+            raise _fail(f"database {settings.database_url.split('@')[-1]}: "
+                        f"{type(exc).__name__}") from None
+        finally:
+            await engine.dispose()
+
+    decisions = _run(go)
+    if not decisions:
+        raise _fail(f"nothing recorded for event {event_id!r}"
+                    + (f" and user {user!r}" if user else "")
+                    + " (unknown id, or the workers have not handled it yet)")
+    if as_json:
+        sys.stdout.write(json.dumps([d.as_dict() for d in decisions], indent=2) + "\n")
+        return
+    from rich.markup import escape
+
+    for d in decisions:
+        where = d.channel + (f" device {d.device_id}" if d.device_id else "")
+        colour = "green" if d.status in ("sent", "digested") else "yellow"
+        out.print(f"[bold]{escape(where)}[/] to {escape(d.user_id)}: "
+                  f"[{colour}]{d.meaning}[/] — {escape(d.reason)}", highlight=False)
+        for step in d.trail:
+            answer = f" → {step['answer']}" if step.get("answer") is not None else ""
+            note = f"  ({step['note']})" if step.get("note") else ""
+            line = f"    {step.get('node', '?'):>5}  {step.get('label', '')}{answer}{note}"
+            out.print(escape(line), highlight=False)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from herald.logs import setup_logging, setup_sentry
 from herald.metrics import OUTBOX_PENDING
 from herald.models import OutboxEvent, User
 from herald.settings import Settings, load_settings
-from producer import events, idempotency, inbox
+from producer import events, idempotency, inbox, me, social, stream
 from producer.auth import issue_token
 from producer.deps import SessionsDep
 from producer.idempotency import IdempotencyDep
@@ -27,16 +27,17 @@ from producer.outbox import add_event
 from producer.passwords import hash_password_async, verify_password_async
 from producer.schemas import EventAccepted, LoginAccepted, LoginIn, SignupIn, UserPublic
 from topology.envelope import Actor, Envelope, Recipient
+from topology.live import LiveHub
 
 log = logging.getLogger("herald.api")
 
 
 def _recipient(user: User) -> Recipient:
-    return Recipient(user_id=user.id, email=user.email, name=user.name)
+    return social.recipient(user)
 
 
 def _public(user: User) -> UserPublic:
-    return UserPublic(id=user.id, email=user.email, name=user.name)
+    return me.public_user(user)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -47,7 +48,9 @@ def create_app(settings: Settings) -> FastAPI:
         engine = make_engine(settings.database_url)
         await init_db(engine)
         app.state.sessions = session_factory(engine)
+        app.state.live = LiveHub(settings)
         yield
+        await app.state.live.aclose()
         await engine.dispose()
 
     app = FastAPI(
@@ -58,7 +61,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     idempotency.install(app)
     app.include_router(events.router)
+    # Before inbox: /me/notifications/stream must win over any /{notification_id} route.
+    app.include_router(stream.router)
     app.include_router(inbox.router)
+    app.include_router(inbox.events_router)
+    app.include_router(me.router)
+    app.include_router(social.router)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -86,32 +94,39 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/signup", status_code=status.HTTP_201_CREATED, tags=["events"],
               responses={**idempotency.RESPONSES, 409: {
-                  "description": "email already registered (or a request with this "
-                                 "Idempotency-Key is still in progress)"}})
+                  "description": "email already registered, handle already taken (or a "
+                                 "request with this Idempotency-Key is still in progress)"}})
     async def signup(body: SignupIn, sessions: SessionsDep,
                      idem: IdempotencyDep) -> EventAccepted:
         """Create an account and raise ``user.signup`` (a welcome email), in one transaction."""
         password_hash = await hash_password_async(body.password)
-        user = User(email=body.email, name=body.name, password_hash=password_hash)
-        envelope = Envelope(
-            type="user.signup",
-            actor=Actor(id=user.id, name=user.name),
-            recipients=[_recipient(user)],
-            data={"name": user.name},
-        )
-        accepted = EventAccepted(user=_public(user), event_id=envelope.id)
-        try:
-            async with sessions() as session, session.begin():
-                taken = await session.exec(select(User.id).where(User.email == body.email))
-                if taken.first() is not None:
-                    raise HTTPException(status.HTTP_409_CONFLICT, "email already registered")
-                session.add(user)
-                add_event(session, envelope)
-                await idem.stage(session, accepted)
-        except IntegrityError:
-            # The email was taken meanwhile; with an Idempotency-Key, maybe by a
-            # concurrent retry of this very request, which the dependency replays.
-            raise HTTPException(status.HTTP_409_CONFLICT, "email already registered") from None
+        for attempt in (1, 2, 3):
+            user = User(email=body.email, name=body.name, password_hash=password_hash,
+                        phone=body.phone, locale=body.locale, timezone=body.timezone)
+            envelope = Envelope(
+                type="user.signup",
+                actor=Actor(id=user.id, name=user.name),
+                recipients=[_recipient(user)],
+                data={"name": user.name},
+            )
+            try:
+                async with sessions() as session, session.begin():
+                    taken = await session.exec(select(User.id).where(User.email == body.email))
+                    if taken.first() is not None:
+                        raise HTTPException(status.HTTP_409_CONFLICT, "email already registered")
+                    user.handle = await me.claim_handle(session, body.handle, body.email)
+                    accepted = EventAccepted(user=_public(user), event_id=envelope.id)
+                    session.add(user)
+                    add_event(session, envelope)
+                    await idem.stage(session, accepted)
+                break
+            except IntegrityError:
+                # The email or handle was taken meanwhile: the next attempt says which
+                # (or derives another handle). With an Idempotency-Key, maybe by a
+                # concurrent retry of this very request, which the dependency replays.
+                if attempt == 3:
+                    raise HTTPException(status.HTTP_409_CONFLICT,
+                                        "email or handle already registered") from None
         log.info("signup user=%s event=%s", user.id, envelope.id)
         return accepted
 

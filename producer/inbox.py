@@ -16,10 +16,18 @@ from sqlmodel import col, func, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald.models import Notification, utcnow
+from herald.why import explain
 from producer import auth
 from producer.auth import CurrentUser
 from producer.deps import SessionsDep
-from producer.schemas import MarkedRead, NotificationItem, NotificationPage, NotificationWhy
+from producer.schemas import (
+    ChannelDecisionOut,
+    EventWhy,
+    MarkedRead,
+    NotificationItem,
+    NotificationPage,
+    NotificationWhy,
+)
 
 router = APIRouter(prefix="/me/notifications", tags=["inbox"], responses=auth.RESPONSES)
 
@@ -110,5 +118,29 @@ async def why(notification_id: NotificationId, user: CurrentUser,
         trail = []
     if not isinstance(trail, list):
         trail = []
+    channels = await explain(sessions, row.event_id, user.id)
     return NotificationWhy(delivered=row.delivered, reason=row.reason,
-                           trail=[step for step in trail if isinstance(step, dict)])
+                           trail=[step for step in trail if isinstance(step, dict)],
+                           channels=[ChannelDecisionOut(**d.as_dict()) for d in channels])
+
+
+events_router = APIRouter(prefix="/me/events", tags=["inbox"], responses=auth.RESPONSES)
+
+
+@events_router.get("/{event_id}/why", responses={
+    404: {"description": "nothing recorded for this event and user (yet)"}})
+async def event_why(
+    event_id: Annotated[str, Path(max_length=36, description="`event_id` from POST /post etc.")],
+    user: CurrentUser, sessions: SessionsDep,
+) -> EventWhy:
+    """Every decision about this event for you: per channel, and for push per device.
+
+    The notification id is not needed: a post the decision engine held back
+    has no inbox entry, but its decision is here with the reason and trail.
+    """
+    decisions = await explain(sessions, event_id, user.id)
+    if not decisions:
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            "nothing recorded for this event (unknown, or not handled yet)")
+    return EventWhy(event_id=event_id,
+                    decisions=[ChannelDecisionOut(**d.as_dict()) for d in decisions])

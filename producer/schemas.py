@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
 
+from producer.social_schemas import Handle, Locale, Phone, TimeZone
 from topology.envelope import Actor, CancelKey, EventType, Recipient
 from topology.spec import EVENT_TYPES
 
@@ -22,13 +23,21 @@ class SignupIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [
-            {"email": "ada@example.com", "password": "correct horse battery", "name": "Ada"}
+            {"email": "ada@example.com", "password": "correct horse battery", "name": "Ada"},
+            {"email": "ada@example.com", "password": "correct horse battery", "name": "Ada",
+             "handle": "ada", "phone": "+44 20 7946 0958", "locale": "en-GB",
+             "timezone": "Europe/London"},
         ]
     })
 
     email: EmailStr
     password: str = Field(min_length=8, max_length=1024)
     name: str = Field(min_length=1, max_length=200)
+    handle: Handle | None = Field(
+        default=None, description="Default: from the email's local part, made unique.")
+    phone: Phone | None = None
+    locale: Locale = "en"
+    timezone: TimeZone = "UTC"
 
     _email = field_validator("email")(_normalise_email)
 
@@ -53,11 +62,15 @@ class LoginIn(BaseModel):
 
 
 class UserPublic(BaseModel):
-    """A user as the API shows it (no password hash)."""
+    """A user as the API shows them to themselves (no password hash)."""
 
     id: str
     email: str
     name: str
+    handle: str | None = None
+    phone: str | None = Field(default=None, description="E.164; shown to its owner only.")
+    locale: str = "en"
+    timezone: str = "UTC"
 
 
 class EventAccepted(BaseModel):
@@ -126,13 +139,53 @@ class NotificationWhy(BaseModel):
     """``GET /me/notifications/{id}/why``: the decision behind a notification, shown or not."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "delivered": False, "reason": "quiet hours",
-        "trail": [{"node": "quiet_hours", "label": "inside quiet hours?", "answer": "yes"}]}]})
+        "delivered": False, "reason": "not notified: channel muted",
+        "trail": [{"node": "A", "label": "Should we send a notification?", "answer": "yes"},
+                  {"node": "B1", "label": "Thread message && User subscribed?",
+                   "answer": "no"},
+                  {"node": "B2", "label": "Channel muted?", "answer": "yes"},
+                  {"node": "N1", "label": "NO", "answer": None}],
+        "channels": []}]})
 
     delivered: bool
     reason: str
     trail: list[dict[str, Any]] = Field(
         description="The decision trail, each step as the decision engine recorded it.")
+    channels: list[ChannelDecisionOut] = Field(
+        default_factory=list,
+        description="The same event on every channel and device (push: one per device).")
+
+
+class ChannelDecisionOut(BaseModel):
+    """One channel's (for push: one device's) decision and outcome for an event."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "channel": "push", "user_id": "u-42", "device_id": "d-1", "status": "suppressed",
+        "meaning": "not delivered (decided)", "reason": "not notified: channel muted",
+        "provider": None, "attempts": 1, "updated_at": "2025-05-01T12:30:00Z",
+        "trail": [{"node": "A", "label": "Should we send a notification?", "answer": "yes"},
+                  {"node": "B1", "label": "Thread message && User subscribed?",
+                   "answer": "no"},
+                  {"node": "B2", "label": "Channel muted?", "answer": "yes"},
+                  {"node": "N1", "label": "NO", "answer": None}]}]})
+
+    channel: str
+    user_id: str
+    device_id: str | None = Field(description="Push only: the device this decision is for.")
+    status: str = Field(description="sent, suppressed, waiting, failed, dead, cancelled, ...")
+    meaning: str
+    reason: str
+    provider: str | None
+    attempts: int
+    updated_at: datetime
+    trail: list[dict[str, Any]]
+
+
+class EventWhy(BaseModel):
+    """``GET /me/events/{event_id}/why``: every decision about one event for the caller."""
+
+    event_id: str
+    decisions: list[ChannelDecisionOut]
 
 
 #: ``data`` of ``POST /events`` serialized as compact JSON may not exceed this.

@@ -11,7 +11,12 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import select
 
-from consumers.__main__ import build_email_worker, build_in_app_worker
+from consumers.__main__ import (
+    build_email_worker,
+    build_in_app_worker,
+    build_push_worker,
+    build_sms_worker,
+)
 from consumers.runtime import Worker
 from herald.db import init_db, make_engine, session_factory
 from herald.settings import Settings
@@ -72,6 +77,16 @@ def email_worker(settings: Settings) -> AbstractAsyncContextManager[Worker]:
 def in_app_worker(settings: Settings) -> AbstractAsyncContextManager[Worker]:
     """The in-app worker consuming in the background (ready when entered)."""
     return _running(build_in_app_worker, settings)
+
+
+def push_worker(settings: Settings) -> AbstractAsyncContextManager[Worker]:
+    """The push worker consuming in the background (ready when entered)."""
+    return _running(build_push_worker, settings)
+
+
+def sms_worker(settings: Settings) -> AbstractAsyncContextManager[Worker]:
+    """The SMS worker consuming in the background (ready when entered)."""
+    return _running(build_sms_worker, settings)
 
 
 async def rows(settings: Settings, model: Any) -> list[Any]:

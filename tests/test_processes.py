@@ -296,7 +296,7 @@ async def test_herald_run_delivers_a_signup_to_the_dev_sink_and_stops_on_ctrl_c(
             await eventually(api_up, timeout=40, interval=0.2)
             children = {m.group(1): int(m.group(2)) for m in _STARTED.finditer(supervisor.log)}
             assert set(children) == {"api", "relay", "worker.email", "worker.in_app",
-                                     "mailsink"}, supervisor.log
+                                     "worker.push", "worker.sms", "mailsink"}, supervisor.log
 
             # When someone signs up
             response = await http.post("/signup", json={
