@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -358,3 +359,99 @@ async def test_the_worker_cache_drops_a_user_when_the_api_says_it_changed(
         await listener_hub.aclose()
         await api_hub.aclose()
         await engine.dispose()
+
+
+async def test_sms_falls_back_from_twilio_to_vonage_and_a_long_text_is_cut_to_the_cap(
+    database_url: str, make_settings: Callable[..., Settings], tmp_path: Path,
+    connection: AbstractRobustConnection
+) -> None:
+    from tests.conftest import delete_topology
+    from tests.standins.twilio import Fault, TwilioStandIn
+    from tests.standins.vonage import VonageStandIn
+    from topology.declare import declare
+    from topology.spec import build
+
+    # A login SMS template that renders far more than one segment
+    templates = tmp_path / "templates"
+    shutil.copytree(Path(__file__).parent.parent / "templates", templates)
+    (templates / "sms" / "user.login.body.j2").write_text(
+        "New sign-in from {{ data.ip }}. " + "Lorem ipsum dolor sit amet. " * 20)
+    async with TwilioStandIn("AC" + "1" * 32, "tw-secret") as twilio, \
+            VonageStandIn("vg-key", "vg-secret") as vonage:
+        settings = make_settings(
+            templates_dir=templates,
+            sms_providers="twilio,vonage", twilio_account_sid="AC" + "1" * 32,
+            twilio_auth_token="tw-secret", twilio_from="+15005550006",
+            twilio_url=twilio.url, vonage_api_key="vg-key", vonage_api_secret="vg-secret",
+            vonage_from="herald", vonage_url=vonage.url, sms_max_segments=1,
+            provider_timeout="2s")
+        await declare(connection, build(settings))
+        try:
+            await seed(settings, *people(), UserPreferences(user_id="u-bob",
+                                                            sms_login_alerts=True))
+            # Given Twilio is failing (503) for this message
+            twilio.faults = [Fault(status=503)]
+            envelope = Envelope(
+                type="user.login", actor=Actor(id="u-bob"),
+                recipients=[Recipient(user_id="u-bob", locale="en")],
+                data={"name": "Bob", "ip": "203.0.113.9", "user_agent": "x" * 400})
+            async with sms_worker(settings):
+                await publish(connection, settings, envelope)
+                found = await decisions(settings, envelope.id, 1)
+        finally:
+            await delete_topology(connection, settings)
+    # Then Vonage sent it, once, cut to one segment
+    assert found["sms"].status == "sent" and found["sms"].provider == "vonage"
+    assert twilio.messages == [] and len(vonage.messages) == 1
+    text = vonage.messages[0]["text"]
+    from consumers.sms_text import segments
+
+    assert segments(text) == 1 and text.endswith("...")
+
+
+async def test_real_push_services_by_platform_and_a_dead_token_removes_the_device(
+    database_url: str, make_settings: Callable[..., Settings], tmp_path: Path,
+    connection: AbstractRobustConnection
+) -> None:
+    from tests.conftest import delete_topology
+    from tests.standins.fcm import FcmStandIn
+    from tests.standins.webpush import WebPushStandIn, application_server_key, write_vapid_key
+    from topology.declare import declare
+    from topology.spec import build
+
+    async with FcmStandIn() as fcm, WebPushStandIn() as webpush:
+        vapid = write_vapid_key(tmp_path)
+        browser = webpush.subscribe(server_key=application_server_key(vapid))
+        phone_token, old_phone_token = fcm.new_token(), fcm.new_token()
+        fcm.dead_tokens.add(old_phone_token)  # the app was uninstalled from that phone
+        settings = make_settings(
+            fcm_credentials_file=fcm.write_service_account(tmp_path), fcm_url=fcm.url,
+            vapid_private_key_file=vapid, push_dir=tmp_path / "push",
+            mobile_push_threshold="1ms", provider_timeout="5s")
+        await declare(connection, build(settings))
+        try:
+            await seed(settings, *people()[:5],
+                       Device(id="d-phone", user_id="u-bob", platform="android",
+                              token=phone_token, token_hash="c" * 64),
+                       Device(id="d-old", user_id="u-bob", platform="android",
+                              token=old_phone_token, token_hash="d" * 64),
+                       Device(id="d-web", user_id="u-bob", platform="web",
+                              token=browser.token, token_hash="e" * 64))
+            async with push_worker(settings):
+                envelope = post("@bob hello", mentions=["u-bob"])
+                await publish(connection, settings, envelope)
+                found = await decisions(settings, envelope.id, 3)
+            devices = await rows(settings, Device)
+        finally:
+            await delete_topology(connection, settings)
+    assert found["d-phone"].status == "sent" and found["d-phone"].provider == "fcm"
+    assert found["d-web"].status == "sent" and found["d-web"].provider == "webpush"
+    assert found["d-old"].status == "failed"
+    assert "device removed" in found["d-old"].reason and old_phone_token not in (
+        found["d-old"].reason)
+    assert sorted(d.id for d in devices) == ["d-phone", "d-web"]
+    [message] = fcm.messages
+    assert message["token"] == phone_token
+    [delivery] = webpush.deliveries
+    assert delivery.payload["data"]["event_id"] == envelope.id
+    assert pushed(settings) == []  # nothing went to the dev sink
