@@ -20,10 +20,9 @@ from consumers.policy import Policy
 from consumers.preferences import PreferenceStore
 from consumers.providers.base import SmsMessage
 from consumers.providers.chain import ProviderChain
-from consumers.sms_text import fit
+from consumers.sms_text import fit, mask_number
 from consumers.templates import Renderer
 from herald.errors import DeliveryFailure
-from herald.logs import mask
 from herald.metrics import DELIVERIES
 from topology.envelope import Envelope, Recipient
 
@@ -44,12 +43,6 @@ def e164(number: str | None) -> str | None:
     if not phonenumbers.is_valid_number(parsed):
         return None
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-
-
-def _masked(number: str) -> str:
-    """Enough of a number to recognise it, never all of it (even when it is not valid)."""
-    digits = number.strip()
-    return f"{digits[:2]}…{digits[-2:]}" if len(digits) > 6 else "…"
 
 
 class SmsChannel:
@@ -105,7 +98,7 @@ class SmsChannel:
         trail.append({"node": "phone", "label": "valid E.164 phone number?",
                       "answer": "yes" if number else "no"})
         if number is None:
-            why = "no phone number" if not given else f"{_masked(given)} is not a valid number"
+            why = "no phone number" if not given else f"{mask_number(given)} is not a valid number"
             return None, f"not texted: {why}", trail
         return number, f"texted: {envelope.type}", trail
 
@@ -135,4 +128,4 @@ class SmsChannel:
         await self.store.sent(*key, provider, trail=trail_json)
         DELIVERIES.labels(CHANNEL, provider, "sent").inc()
         log.info("event %s (%s) texted to %s via %s (%d segment(s))", envelope.id,
-                 envelope.type, mask(number), provider, segments)
+                 envelope.type, mask_number(number), provider, segments)

@@ -55,16 +55,17 @@ def format_datetime(value: Any, fmt: str = "%Y-%m-%d %H:%M UTC") -> str:
     Also takes an ISO 8601 string (data sent by integrators); anything else is
     shown as it is rather than failing the notification.
     """
+    when: object = value
     if isinstance(value, str):
         try:
-            value = datetime.fromisoformat(value)
+            when = datetime.fromisoformat(value)
         except ValueError:
             return value
-    if not isinstance(value, datetime):
-        return str(value)
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC)
-    return value.strftime(fmt)
+    if not isinstance(when, datetime):
+        return str(when)
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.strftime(fmt)
 
 
 def _autoescape(name: str | None) -> bool:

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from consumers.email import EmailChannel
-from consumers.providers.sendgrid import SendGridProvider, retry_after, to_sendgrid
+from consumers.providers.http import retry_after
+from consumers.providers.sendgrid import SendGridProvider, to_sendgrid
 from consumers.templates import Renderer
 from herald.errors import ConfigError, PermanentError, RateLimited, TransientError
 from herald.settings import REPO_ROOT, load_settings

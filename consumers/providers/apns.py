@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurv
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from consumers.providers.base import Gate, PushMessage
-from consumers.providers.sendgrid import retry_after
+from consumers.providers.http import mask_token as mask
+from consumers.providers.http import retry_after
 from herald.errors import ConfigError, DeadToken, PermanentError, RateLimited, TransientError
 
 log = logging.getLogger("herald.push.apns")
@@ -36,11 +37,6 @@ log = logging.getLogger("herald.push.apns")
 TOKEN_REUSE = 50 * 60.0
 _HEX = re.compile(r"[0-9A-Fa-f]+")
 _MAX_REASON = 300
-
-
-def mask(token: str) -> str:
-    """The last 6 characters of a device token, for logs and error reasons."""
-    return f"...{token[-6:]}"
 
 
 def load_signing_key(path: Path) -> EllipticCurvePrivateKey:

@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from consumers.providers.base import Gate, PushMessage
-from consumers.providers.sendgrid import retry_after
+from consumers.providers.http import mask_token as mask
+from consumers.providers.http import retry_after
 from herald.errors import ConfigError, DeadToken, PermanentError, RateLimited, TransientError
 
 log = logging.getLogger("herald.push.fcm")
@@ -42,11 +43,6 @@ MAX_TTL = 28 * 24 * 3600
 _EARLY = 300.0
 _ASSERTION_LIFETIME = 3600  # Google's maximum for a JWT bearer assertion
 _MAX_REASON = 300
-
-
-def mask(token: str) -> str:
-    """The last 6 characters of a device token, for logs and error reasons."""
-    return f"...{token[-6:]}"
 
 
 @dataclass(frozen=True, slots=True)

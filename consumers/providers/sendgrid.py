@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from consumers.providers.base import Gate
+from consumers.providers.http import retry_after
 from herald.errors import PermanentError, RateLimited, TransientError
 
 log = logging.getLogger("herald.email.sendgrid")
@@ -123,26 +123,6 @@ def to_sendgrid(message: EmailMessage) -> dict[str, Any]:
     return body
 
 
-def retry_after(headers: httpx.Headers, now: float) -> float | None:
-    """Seconds to wait from a 429's ``Retry-After`` (seconds or HTTP date), else from
-    ``X-RateLimit-Reset`` (epoch seconds); ``None`` when neither is usable. Never negative."""
-    value = headers.get("Retry-After", "").strip()
-    if value:
-        try:
-            return max(float(value), 0.0)
-        except ValueError:
-            pass
-        try:
-            return max(parsedate_to_datetime(value).timestamp() - now, 0.0)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            pass
-    reset = headers.get("X-RateLimit-Reset", "").strip()
-    if reset:
-        try:
-            return max(float(reset) - now, 0.0)
-        except ValueError:
-            pass
-    return None
 
 
 class SendGridProvider:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from consumers.providers.base import Gate, SmsMessage
-from consumers.providers.sendgrid import retry_after
+from consumers.providers.http import retry_after
 from consumers.sms_text import encoding, mask_number, redact_numbers
 from herald.errors import PermanentError, RateLimited, TransientError
 

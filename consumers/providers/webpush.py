@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from py_vapid import Vapid, VapidException  # type: ignore[import-untyped]
 
 from consumers.providers.base import Gate, PushMessage
-from consumers.providers.sendgrid import retry_after
+from consumers.providers.http import retry_after
 from herald.errors import ConfigError, DeadToken, PermanentError, RateLimited, TransientError
 
 log = logging.getLogger("herald.push.webpush")
