@@ -314,9 +314,11 @@ async def test_why_explains_a_notification_that_was_not_delivered(
         _note(ada, 2, reason="notified: user.post"))
     response = await api.get(f"/me/notifications/{held}/why", headers=auth)
     assert response.status_code == 200, response.text
-    assert response.json() == {"delivered": False, "reason": "quiet hours", "trail": TRAIL}
+    assert response.json() == {"delivered": False, "reason": "quiet hours", "trail": TRAIL,
+                               "channels": []}
     response = await api.get(f"/me/notifications/{shown}/why", headers=auth)
-    assert response.json() == {"delivered": True, "reason": "notified: user.post", "trail": []}
+    assert response.json() == {"delivered": True, "reason": "notified: user.post", "trail": [],
+                               "channels": []}
 
 
 async def test_another_users_notification_is_404(

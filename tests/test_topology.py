@@ -171,7 +171,7 @@ async def test_declare_twice_changes_nothing(
     assert await bindings("/", cleanup.prefix) == first_bindings == expected_bindings(topo)
     assert await exchanges("/", cleanup.prefix) == {
         f"{cleanup.prefix}.events": "topic", f"{cleanup.prefix}.retry": "direct",
-        f"{cleanup.prefix}.dlx": "direct"}
+        f"{cleanup.prefix}.dlx": "direct", f"{cleanup.prefix}.live": "topic"}
     assert await message_count(connection, topo.names.work("email")) == 1
     await channel.close()
 
