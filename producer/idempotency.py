@@ -12,8 +12,9 @@ Idempotency-Key HTTP Header Field" (draft-ietf-httpapi-idempotency-key-header):
 - the answer is written in the same transaction as the route's rows, so two
   concurrent requests with one key cannot both take effect: the loser replays
   the winner's answer (or gets 409 while none is stored);
-- keys are scoped per route and expire after ``HERALD_IDEMPOTENCY_TTL``; an
-  expired key is treated as unseen and its row replaced;
+- keys are scoped per route and caller (the ``Authorization`` header) and
+  expire after ``HERALD_IDEMPOTENCY_TTL``; an expired key is treated as unseen
+  and its row replaced;
 - an answer that carries a secret (:data:`SEALED_FIELDS`: the bearer token of
   ``POST /login``) is stored with that value sealed by a key derived (scrypt)
   from the request's own password, and unsealed on replay. So a retry gets
@@ -248,6 +249,11 @@ async def _idempotency(
     """The request's key: replays a stored answer up front, stores 4xx answers on the way out."""
     route_obj = request.scope.get("route")
     route = f"{request.method} {getattr(route_obj, 'path', request.url.path)}"
+    credentials = request.headers.get("authorization")
+    if credentials:
+        # Keys belong to the caller: another user's token with the same key and body
+        # must not be handed the first caller's stored answer.
+        route += f" @{hashlib.sha256(credentials.encode()).hexdigest()[:16]}"
     default_status = getattr(route_obj, "status_code", None) or status.HTTP_200_OK
     ttl = get_settings(request).idempotency_ttl
     if key is None:

@@ -53,7 +53,8 @@ async def test_signup_commits_the_user_and_its_outbox_event(
     body = response.json()
     assert body["user"]["email"] == "ada@example.com"
     assert body["user"]["name"] == "Ada"
-    assert set(body["user"]) == {"id", "email", "name"}
+    assert set(body["user"]) == {"id", "email", "name", "handle", "phone", "locale", "timezone"}
+    assert body["user"]["handle"] == "ada" and body["user"]["locale"] == "en"
     assert PASSWORD not in response.text
     # And the user row and exactly one unpublished user.signup event are committed
     users: list[User] = await rows(api_settings, User)

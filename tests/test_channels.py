@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from sqlmodel import SQLModel
+from typer.testing import CliRunner
 
 from consumers.decide import DeviceKind, GlobalPref
+from herald.cli import app
 from herald.db import init_db, make_engine, session_factory
 from herald.models import (
     Channel,
@@ -37,8 +39,9 @@ from herald.models import (
 )
 from herald.settings import Settings
 from herald.why import explain
+from producer.auth import issue_token
 from tests.conftest import eventually
-from tests.harness import in_app_worker, push_worker, rows, sms_worker
+from tests.harness import api_client, in_app_worker, push_worker, rows, sms_worker
 from tests.test_worker import publish
 from topology.envelope import Actor, Envelope, Recipient
 
@@ -159,6 +162,46 @@ async def test_a_muted_channel_says_no_everywhere_with_the_reason(
     # The inbox keeps the "no" (not listed, but explained)
     [row] = await rows(settings, Notification)
     assert row.delivered is False and row.reason == "not notified: channel muted"
+    # And Bob can ask why, by event, over the API; Ada cannot see Bob's decisions
+    bob, ada = await token_for(settings, "u-bob"), await token_for(settings, "u-ada")
+    async with api_client(settings) as client:
+        answer = await client.get(f"/me/events/{envelope.id}/why",
+                                  headers={"Authorization": f"Bearer {bob}"})
+        other = await client.get(f"/me/events/{envelope.id}/why",
+                                 headers={"Authorization": f"Bearer {ada}"})
+        listed = await client.get("/me/notifications", headers={"Authorization": f"Bearer {bob}"})
+    assert answer.status_code == 200, answer.text
+    by_where = {(d["channel"], d["device_id"]): d for d in answer.json()["decisions"]}
+    assert set(by_where) == {("in_app", None), ("push", "d-phone"), ("push", "d-web")}
+    assert by_where[("push", "d-phone")]["reason"] == "not notified: channel muted"
+    assert other.status_code == 404
+    assert listed.json()["items"] == []  # a "no" is not in the inbox
+    # And an operator can ask the CLI
+    result = await asyncio.to_thread(CliRunner().invoke, app,
+                                     ["why", envelope.id, "--user", "u-bob"],
+                                     env=cli_env(settings))
+    assert result.exit_code == 0, result.output
+    assert "channel muted" in result.output and "Channel muted?" in result.output
+    assert "d-phone" in result.output
+    missing = await asyncio.to_thread(CliRunner().invoke, app, ["why", "no-such-event"],
+                                      env=cli_env(settings))
+    assert missing.exit_code == 1 and "nothing recorded" in missing.output
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    return {"HERALD_DATABASE_URL": settings.database_url, "HERALD_PREFIX": settings.prefix,
+            "HERALD_AMQP_URL": settings.amqp_url}
+
+
+async def token_for(settings: Settings, user_id: str) -> str:
+    engine = make_engine(settings.database_url)
+    try:
+        async with session_factory(engine)() as session:
+            token = issue_token(session, user_id, 3600)
+            await session.commit()
+        return token
+    finally:
+        await engine.dispose()
 
 
 async def test_a_subscribed_thread_gets_through_a_muted_channel(
