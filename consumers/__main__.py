@@ -16,19 +16,18 @@ from consumers.deliveries import DeliveryStore
 from consumers.email import EmailChannel
 from consumers.in_app import InAppChannel
 from consumers.policy import Policy
-from consumers.preferences import PreferenceStore
-from consumers.preferences import PLATFORM_KIND
+from consumers.preferences import PLATFORM_KIND, PreferenceStore
 from consumers.providers.apns import ApnsProvider
 from consumers.providers.base import EmailProvider, Provider, PushMessage, SmsMessage
+from consumers.providers.chain import ProviderChain
 from consumers.providers.devsink import DevPushSink, DevSmsSink
 from consumers.providers.fcm import FcmProvider
+from consumers.providers.sendgrid import SendGridProvider
+from consumers.providers.smtp import SmtpProvider
 from consumers.providers.twilio import TwilioProvider
 from consumers.providers.vonage import VonageProvider
 from consumers.providers.webpush import WebPushProvider
 from consumers.push import PushChannel
-from consumers.providers.chain import ProviderChain
-from consumers.providers.sendgrid import SendGridProvider
-from consumers.providers.smtp import SmtpProvider
 from consumers.ratelimit import TokenBucketLimiter
 from consumers.runtime import Worker
 from consumers.sms import SmsChannel

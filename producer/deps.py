@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald.settings import Settings
+from topology.live import LiveHub, user_changed_key
 
 
 def get_sessions(request: Request) -> async_sessionmaker[AsyncSession]:
@@ -25,3 +26,21 @@ def get_settings(request: Request) -> Settings:
 
 SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_live(request: Request) -> LiveHub:
+    """The app's live hub (SSE fan-out and cache invalidations through RabbitMQ)."""
+    hub: LiveHub = request.app.state.live
+    return hub
+
+
+LiveDep = Annotated[LiveHub, Depends(get_live)]
+
+
+async def user_changed(live: LiveHub, user_id: str) -> None:
+    """Tell every worker that ``user_id``'s contacts or preferences changed (after commit).
+
+    Best effort: when the broker is unreachable, workers still drop the cached
+    copy after ``HERALD_USER_CACHE_TTL``.
+    """
+    await live.publish(user_changed_key(user_id), {"user_id": user_id})
