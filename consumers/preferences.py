@@ -39,7 +39,7 @@ from herald.models import (
     UserPreferences,
     as_utc,
 )
-from topology.live import USER_CHANGED_PATTERN, LiveHub
+from topology.live import GAP, USER_CHANGED_PATTERN, LiveHub
 
 log = logging.getLogger("herald.preferences")
 
@@ -169,10 +169,13 @@ class PreferenceStore:
         """
         while True:
             try:
-                async with hub.subscribe(USER_CHANGED_PATTERN) as changes:
+                async with hub.subscribe(USER_CHANGED_PATTERN, gaps=True) as changes:
                     if ready is not None:
                         ready.set()
-                    async for _key, body in changes:
+                    async for key, body in changes:
+                        if key == GAP:  # invalidations sent while we were cut off are lost
+                            self._cache.clear()
+                            continue
                         user_id = body.get("user_id")
                         if isinstance(user_id, str):
                             self.invalidate(user_id)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event, text
+from sqlalchemy import Connection, event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import herald.models  # noqa: F401 - registers the tables on SQLModel.metadata
@@ -41,31 +40,86 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
-#: Any fixed number: the advisory lock that serialises table creation on PostgreSQL.
+#: Any fixed number: the advisory lock that serialises migrations on PostgreSQL.
 _INIT_LOCK = 0x68657261  # "hera"
+T = TypeVar("T")
 
 
-async def init_db(engine: AsyncEngine) -> None:
-    """Create missing tables (idempotent, and safe when several processes start at once).
+async def _migrating(engine: AsyncEngine, step: Callable[[Connection], T]) -> T:
+    """Run ``step`` in one transaction that holds the database's migration lock.
 
-    ``create_all`` checks, then creates, so two processes starting together can
-    both try. PostgreSQL: a transaction-scoped advisory lock makes them take
-    turns. SQLite (no such lock): the loser's "already exists", or the
-    "database is locked" SQLite answers at once when a reader must become a
-    writer, is retried, and its next check finds the table.
+    PostgreSQL: a transaction-scoped advisory lock, so processes starting
+    together take turns and the later ones find the schema at head. SQLite:
+    ``BEGIN IMMEDIATE`` takes the write lock up front (waiting up to the busy
+    timeout), which also makes the migration all-or-nothing; SQLite still
+    answers "database is locked" at once in a few cases (WAL set-up), retried.
+    Taking turns matters inside one process too: alembic keeps the running
+    migration in module globals, which two interleaved ``run_sync`` would share.
     """
-    for attempt in range(5):
+    attempt = 0
+    while True:
         try:
             async with engine.begin() as conn:
                 if engine.dialect.name == "postgresql":
                     await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                        {"key": _INIT_LOCK})
-                await conn.run_sync(SQLModel.metadata.create_all)
-            return
+                elif engine.dialect.name == "sqlite":
+                    await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                return await conn.run_sync(step)
         except OperationalError as exc:
-            if not any(s in str(exc) for s in ("already exists", "locked")) or attempt == 4:
+            attempt += 1
+            if "locked" not in str(exc) or attempt == 5:
                 raise
-            await asyncio.sleep(0.05 * (attempt + 1))
+            await asyncio.sleep(0.05 * attempt)
+
+
+async def init_db(engine: AsyncEngine) -> None:
+    """Bring the schema to the newest revision (idempotent, and safe when several
+    processes start at once).
+
+    A database ``create_all`` made before herald had migrations is adopted
+    (stamped at the revision it matches) first.
+
+    Raises:
+        HeraldError: the database is at a revision this herald does not know, or
+            has herald tables that match no revision.
+    """
+    await upgrade_db(engine)
+
+
+async def upgrade_db(engine: AsyncEngine, revision: str = "head"
+                     ) -> tuple[str | None, str | None]:
+    """Upgrade to ``revision`` (like :func:`init_db`); returns the revisions before and after.
+
+    A revision at or below the current one changes nothing.
+
+    Raises:
+        HeraldError: an unknown revision, or as :func:`init_db`.
+    """
+    from herald import migrations  # alembic on first use, not for every importer of herald.db
+
+    return await _migrating(engine, lambda conn: migrations.upgrade(conn, revision))
+
+
+async def downgrade_db(engine: AsyncEngine, revision: str) -> tuple[str | None, str | None]:
+    """Downgrade to ``revision`` (``base``: no tables); returns the revisions before and after.
+
+    Dropped tables and columns lose their data.
+
+    Raises:
+        HeraldError: an unknown revision, one above the current, or as :func:`init_db`.
+    """
+    from herald import migrations
+
+    return await _migrating(engine, lambda conn: migrations.downgrade(conn, revision))
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """The revision the database is at; None when empty or made before migrations."""
+    from herald import migrations
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(migrations.current)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -133,7 +133,7 @@ class Idempotency:
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 f"this {HEADER} was already used with another request body on "
-                f"{self.route}; send a new key for a new request")
+                f"{self.route.split(' @')[0]}; send a new key for a new request")
         seal = self.seal
         if seal is not None:  # same fingerprint, so the same password: the same seal
             row.response_body = _SEALED.sub(
