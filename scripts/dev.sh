@@ -59,6 +59,16 @@ ensure_redis() {
   die "no Redis on 127.0.0.1:6379: run \`docker compose up -d redis\`"
 }
 
+ensure_chromium() { # the inbox page is tested in Debian's headless Chromium
+  [ -x /usr/bin/chromium ] && return 0
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing Debian's chromium for the inbox page tests"
+    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 \
+      && apt-get install -y -q chromium >/dev/null 2>&1; } || say "could not install chromium"
+  fi
+  [ -x /usr/bin/chromium ] || say "no /usr/bin/chromium: the browser tests skip (and fail in CI)"
+}
+
 cmd_lint() {
   ensure_uv
   say "ruff"; uv run ruff check .
@@ -67,7 +77,7 @@ cmd_lint() {
 
 cmd_test() {
   ensure_uv
-  ensure_rabbitmq; ensure_postgres; ensure_redis
+  ensure_rabbitmq; ensure_postgres; ensure_redis; ensure_chromium
   export HERALD_TEST_AMQP_URL="${HERALD_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
   export HERALD_TEST_POSTGRES_URL="${HERALD_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/test}"
   export HERALD_TEST_REDIS_URL="${HERALD_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
