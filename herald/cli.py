@@ -414,12 +414,13 @@ def why(
         where = d.channel + (f" device {d.device_id}" if d.device_id else "")
         colour = "green" if d.status in ("sent", "digested") else "yellow"
         out.print(f"[bold]{escape(where)}[/] to {escape(d.user_id)}: "
-                  f"[{colour}]{d.meaning}[/] — {escape(d.reason)}", highlight=False)
+                  f"[{colour}]{d.meaning}[/] — {escape(d.reason)}", highlight=False,
+                  soft_wrap=True)
         for step in d.trail:
             answer = f" → {step['answer']}" if step.get("answer") is not None else ""
             note = f"  ({step['note']})" if step.get("note") else ""
             line = f"    {step.get('node', '?'):>5}  {step.get('label', '')}{answer}{note}"
-            out.print(escape(line), highlight=False)
+            out.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

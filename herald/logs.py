@@ -35,7 +35,7 @@ def setup_logging(level: str = "INFO", name: str = "herald") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiormq", "aio_pika", "mail.log", "sqlalchemy.engine", "httpx"):
+    for noisy in ("aiormq", "aio_pika", "mail.log", "sqlalchemy.engine", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

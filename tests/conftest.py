@@ -100,26 +100,80 @@ def prefix() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
 
 
+#: Databases this test process made and emptied, ready for its next test. Dropping a
+#: database costs PostgreSQL a checkpoint (seconds); emptying its schema does not.
+_SPARE_DATABASES: list[str] = []
+
+
+async def _empty(admin: asyncpg.Connection, server: str, name: str) -> bool:
+    """Drop everything in ``name`` (its public schema); False if that did not work."""
+    await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = $1 AND pid <> pg_backend_pid()", name)
+    try:
+        conn = await asyncpg.connect(f"{server.rsplit('/', 1)[0]}/{name}")
+    except (OSError, asyncpg.PostgresError):
+        return False
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+    except asyncpg.PostgresError:
+        return False
+    finally:
+        await conn.close()
+    return True
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database per test, on SQLite and on PostgreSQL (as users write the URL)."""
+    """A fresh (empty) database per test, on SQLite and on PostgreSQL (as users write the URL).
+
+    PostgreSQL databases are reused within a test process after their schema
+    is dropped, so every test still starts from nothing.
+    """
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/herald.db"
         return
     server = request.getfixturevalue("postgres_url")
-    name = f"herald_t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    if _SPARE_DATABASES:
+        name = _SPARE_DATABASES.pop()
+    else:
+        name = f"herald_t_{uuid.uuid4().hex[:12]}"
+        admin = await asyncpg.connect(server)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
     base = server.rsplit("/", 1)[0]
     yield f"{base}/{name}"
     admin = await asyncpg.connect(server)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if await _empty(admin, server, name):
+            _SPARE_DATABASES.append(name)
+        else:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_spare_databases(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Drop this process's reusable databases when the session ends."""
+    yield
+    if not _SPARE_DATABASES:
+        return
+    server = os.environ.get("HERALD_TEST_POSTGRES_URL")
+    if not server:
+        return
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(server)
+        try:
+            while _SPARE_DATABASES:
+                name = _SPARE_DATABASES.pop()
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    asyncio.run(drop())
 
 
 @pytest.fixture
