@@ -28,21 +28,19 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs
 
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.standins.server import HttpStandIn
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -216,14 +214,7 @@ class Call:
     at: float = field(default_factory=time.monotonic)  #: when it arrived (monotonic)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # uvicorn would take over SIGINT/SIGTERM for the whole test process.
-        yield
-
-
-class FcmStandIn:
+class FcmStandIn(HttpStandIn):
     """FCM HTTP v1 and Google OAuth on ``127.0.0.1:<free port>`` with fault knobs.
 
     Knobs (send endpoint, checked in this order):
@@ -237,7 +228,10 @@ class FcmStandIn:
     every access token issued so far invalid (as after a key rotation).
     """
 
+    name = "FCM"
+
     def __init__(self, *, hang_seconds: float = 0.0, token_lifetime: int = 3599) -> None:
+        super().__init__()
         self.hang_seconds = hang_seconds
         self.token_lifetime = token_lifetime
         self.faults: deque[Fault] = deque()
@@ -247,19 +241,13 @@ class FcmStandIn:
         self.calls: list[Call] = []
         self.token_calls: list[TokenCall] = []
         self.messages: list[dict[str, Any]] = []
-        self.url = ""
         self.accounts: dict[str, Account] = {}
         self.grants: dict[str, Grant] = {}
         self._ids = itertools.count(1)
-        self._release = asyncio.Event()
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.app = Starlette(routes=[
+        self.app = self._starlette(
             Route("/token", self._token, methods=["POST"]),
             Route("/v1/projects/{project}/messages:send", self._send, methods=["POST"]),
-            Route("/{path:path}", self._not_found,
-                  methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-        ])
+        )
 
     @property
     def token_uri(self) -> str:
@@ -304,29 +292,6 @@ class FcmStandIn:
     def revoke_tokens(self) -> None:
         """Forget every access token issued so far: the next send with one gets 401."""
         self.grants.clear()
-
-    async def __aenter__(self) -> FcmStandIn:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                log_config=None, access_log=False, lifespan="off", ws="none",
-                                timeout_graceful_shutdown=2)
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        async with asyncio.timeout(10):
-            while not self._server.started:
-                if self._task.done():
-                    self._task.result()
-                    raise RuntimeError("FCM stand-in stopped before it started")
-                await asyncio.sleep(0.005)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._release.set()
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await asyncio.wait_for(self._task, 10)
 
     # --- OAuth2 token endpoint --------------------------------------------------------------
 

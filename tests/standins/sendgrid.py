@@ -23,16 +23,14 @@ import json
 import math
 import re
 import time
-from collections.abc import Generator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
-import uvicorn
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.standins.server import HttpStandIn
 
 SEND_PATH = "/v3/mail/send"
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -131,14 +129,7 @@ class Call:
     at: float = field(default_factory=time.monotonic)  #: when it arrived (monotonic)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # uvicorn would take over SIGINT/SIGTERM for the whole test process.
-        yield
-
-
-class SendGridStandIn:
+class SendGridStandIn(HttpStandIn):
     """SendGrid's Mail Send endpoint on ``127.0.0.1:<free port>`` with fault knobs.
 
     Knobs (checked in this order for each request):
@@ -152,11 +143,14 @@ class SendGridStandIn:
         then validation like the real API (400), else 202 Accepted.
     """
 
+    name = "SendGrid"
+
     def __init__(self, *, require_key: str | None = None, fail_first: int = 0,
                  status: int = 503, rate_limit_first: int = 0,
                  retry_after: float | str | None = 1, rate_limit_reset: float | None = None,
                  rate_limit: int = 600, always_status: int | None = None,
                  hang_seconds: float = 0.0) -> None:
+        super().__init__()
         self.require_key = require_key
         self.fail_first = fail_first
         self.status = status
@@ -168,46 +162,15 @@ class SendGridStandIn:
         self.hang_seconds = hang_seconds
         self.calls: list[Call] = []
         self.messages: list[dict[str, Any]] = []
-        self.url = ""
         self._rate_limited = 0
         self._failed = 0
         self._ids = itertools.count(1)
-        self._release = asyncio.Event()
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.app = Starlette(routes=[
-            Route(SEND_PATH, self._send, methods=["POST"]),
-            Route("/{path:path}", self._not_found,
-                  methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-        ])
+        self.app = self._starlette(Route(SEND_PATH, self._send, methods=["POST"]))
 
     @property
     def requests(self) -> int:
         """How many requests arrived at the send endpoint (answered or not)."""
         return len(self.calls)
-
-    async def __aenter__(self) -> SendGridStandIn:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                log_config=None, access_log=False, lifespan="off", ws="none",
-                                timeout_graceful_shutdown=2)
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        async with asyncio.timeout(10):
-            while not self._server.started:
-                if self._task.done():
-                    self._task.result()
-                    raise RuntimeError("SendGrid stand-in stopped before it started")
-                await asyncio.sleep(0.005)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._release.set()
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await asyncio.wait_for(self._task, 10)
 
     async def _send(self, request: Request) -> Response:
         auth = request.headers.get("authorization")

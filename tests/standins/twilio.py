@@ -25,20 +25,17 @@ import contextlib
 import itertools
 import re
 import time
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl
 
-import uvicorn
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from consumers.sms_text import segments
+from tests.standins.server import HttpStandIn
 
 _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 MAX_BODY = 1600
@@ -86,14 +83,7 @@ class Call:
     at: float = field(default_factory=time.monotonic)  #: when it arrived (monotonic)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # uvicorn would take over SIGINT/SIGTERM for the whole test process.
-        yield
-
-
-class TwilioStandIn:
+class TwilioStandIn(HttpStandIn):
     """Twilio's Messages endpoint on ``127.0.0.1:<free port>`` with fault knobs.
 
     Knobs (checked in this order for each request):
@@ -111,8 +101,11 @@ class TwilioStandIn:
         else 201 and the message is recorded in ``messages``.
     """
 
+    name = "Twilio"
+
     def __init__(self, account_sid: str, auth_token: str, *, throttle: int = 0,
                  retry_after: float | str | None = 1, hang_seconds: float = 0.0) -> None:
+        super().__init__()
         self.account_sid = account_sid
         self.auth_token = auth_token
         self.faults: list[Fault] = []
@@ -125,44 +118,15 @@ class TwilioStandIn:
         self.blocked_prefixes: set[str] = set()
         self.calls: list[Call] = []
         self.messages: list[dict[str, str]] = []
-        self.url = ""
         self._ids = itertools.count(1)
-        self._release = asyncio.Event()
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.app = Starlette(routes=[
+        self.app = self._starlette(
             Route("/2010-04-01/Accounts/{sid}/Messages.json", self._create, methods=["POST"]),
-            Route("/{path:path}", self._not_found,
-                  methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-        ])
+        )
 
     @property
     def requests(self) -> int:
         """How many requests arrived at the Messages endpoint (answered or not)."""
         return len(self.calls)
-
-    async def __aenter__(self) -> TwilioStandIn:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                log_config=None, access_log=False, lifespan="off", ws="none",
-                                timeout_graceful_shutdown=2)
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        async with asyncio.timeout(10):
-            while not self._server.started:
-                if self._task.done():
-                    self._task.result()
-                    raise RuntimeError("Twilio stand-in stopped before it started")
-                await asyncio.sleep(0.005)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._release.set()
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await asyncio.wait_for(self._task, 10)
 
     async def _create(self, request: Request) -> Response:
         sid = request.path_params["sid"]

@@ -29,17 +29,14 @@ import json
 import math
 import re
 import time
-from collections.abc import Generator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
-import uvicorn
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.standins.server import HttpStandIn
 from tests.standins.twilio import read_form
 
 SEND_PATH = "/sms/json"
@@ -87,14 +84,7 @@ class Call:
     at: float = field(default_factory=time.monotonic)  #: when it arrived (monotonic)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # uvicorn would take over SIGINT/SIGTERM for the whole test process.
-        yield
-
-
-class VonageStandIn:
+class VonageStandIn(HttpStandIn):
     """Vonage's ``/sms/json`` on ``127.0.0.1:<free port>`` with fault knobs.
 
     Knobs (checked in this order for each request):
@@ -113,8 +103,11 @@ class VonageStandIn:
         else one ``status: "0"`` entry per segment, recorded in ``messages``.
     """
 
+    name = "Vonage"
+
     def __init__(self, api_key: str, api_secret: str, *, throttle: int = 0,
                  hang_seconds: float = 0.0, balance: float = 10.0) -> None:
+        super().__init__()
         self.api_key = api_key
         self.api_secret = api_secret
         self.faults: list[Fault] = []
@@ -127,44 +120,13 @@ class VonageStandIn:
         self.senders: set[str] | None = None
         self.calls: list[Call] = []
         self.messages: list[dict[str, str]] = []
-        self.url = ""
         self._ids = itertools.count(0x0C000000217B7F02)
-        self._release = asyncio.Event()
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.app = Starlette(routes=[
-            Route(SEND_PATH, self._send, methods=["POST"]),
-            Route("/{path:path}", self._not_found,
-                  methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-        ])
+        self.app = self._starlette(Route(SEND_PATH, self._send, methods=["POST"]))
 
     @property
     def requests(self) -> int:
         """How many requests arrived at the send endpoint (answered or not)."""
         return len(self.calls)
-
-    async def __aenter__(self) -> VonageStandIn:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                log_config=None, access_log=False, lifespan="off", ws="none",
-                                timeout_graceful_shutdown=2)
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        async with asyncio.timeout(10):
-            while not self._server.started:
-                if self._task.done():
-                    self._task.result()
-                    raise RuntimeError("Vonage stand-in stopped before it started")
-                await asyncio.sleep(0.005)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._release.set()
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await asyncio.wait_for(self._task, 10)
 
     async def _send(self, request: Request) -> Response:
         call = Call(await read_form(request))

@@ -32,24 +32,22 @@ import secrets
 import struct
 import time
 from collections import deque
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import http_ece  # type: ignore[import-untyped]
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from py_vapid import Vapid  # type: ignore[import-untyped]
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.standins.server import HttpStandIn
 
 PUSH_PATH = "/wpush/v2/"
 MAX_BODY = 4096
@@ -157,20 +155,13 @@ class Call:
     at: float = field(default_factory=time.monotonic)  #: when it arrived (monotonic)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # uvicorn would take over SIGINT/SIGTERM for the whole test process.
-        yield
-
-
 class _Reject(Exception):
     def __init__(self, status: int, errno: int, message: str) -> None:
         super().__init__(message)
         self.status, self.errno, self.message = status, errno, message
 
 
-class WebPushStandIn:
+class WebPushStandIn(HttpStandIn):
     """A push service on ``127.0.0.1:<free port>`` with fault knobs.
 
     Knobs (checked in this order for each request):
@@ -181,23 +172,18 @@ class WebPushStandIn:
         (400), size (413), decryption (400), else 201 Created.
     """
 
+    name = "Web Push"
+
     def __init__(self, *, hang_seconds: float = 0.0) -> None:
+        super().__init__()
         self.hang_seconds = hang_seconds
         self.faults: deque[Fault] = deque()
         self.dead_tokens: set[str] = set()
         self.subscribers: dict[str, Subscriber] = {}
         self.calls: list[Call] = []
         self.deliveries: list[Delivery] = []
-        self.url = ""
         self._ids = itertools.count(1)
-        self._release = asyncio.Event()
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.app = Starlette(routes=[
-            Route(PUSH_PATH + "{sub}", self._push, methods=["POST"]),
-            Route("/{path:path}", self._not_found,
-                  methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-        ])
+        self.app = self._starlette(Route(PUSH_PATH + "{sub}", self._push, methods=["POST"]))
 
     def subscribe(self, server_key: str | None = None) -> Subscriber:
         """A new subscription on this service, as ``PushManager.subscribe`` makes one.
@@ -217,29 +203,6 @@ class WebPushStandIn:
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """The user revoked permission: pushes to it get 410 Gone from now on."""
         self.dead_tokens.add(subscriber.id)
-
-    async def __aenter__(self) -> WebPushStandIn:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                log_config=None, access_log=False, lifespan="off", ws="none",
-                                timeout_graceful_shutdown=2)
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        async with asyncio.timeout(10):
-            while not self._server.started:
-                if self._task.done():
-                    self._task.result()
-                    raise RuntimeError("Web Push stand-in stopped before it started")
-                await asyncio.sleep(0.005)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._release.set()
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await asyncio.wait_for(self._task, 10)
 
     async def _push(self, request: Request) -> Response:
         sub_id = request.path_params["sub"]
