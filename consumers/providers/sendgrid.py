@@ -15,14 +15,13 @@ import time
 from collections.abc import Callable
 from email.headerregistry import Address
 from email.message import EmailMessage
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from consumers.providers.base import Gate
-from consumers.providers.http import retry_after
+from consumers.providers.http import PooledClient, retry_after
 from herald.errors import PermanentError, RateLimited, TransientError
 
 log = logging.getLogger("herald.email.sendgrid")
@@ -125,7 +124,7 @@ def to_sendgrid(message: EmailMessage) -> dict[str, Any]:
 
 
 
-class SendGridProvider:
+class SendGridProvider(PooledClient):
     """``EmailProvider`` for SendGrid's v3 Web API (or anything that speaks it).
 
     One ``httpx.AsyncClient`` (connection pool) serves every send; pass your
@@ -143,8 +142,7 @@ class SendGridProvider:
         self.url = base_url.rstrip("/") + SEND_PATH
         self._host = urlsplit(base_url).hostname or base_url
         self.timeout = httpx.Timeout(timeout)
-        self._own_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=self.timeout)
+        self._use_client(client, self.timeout)
         self._clock = clock
 
     def __repr__(self) -> str:
@@ -187,18 +185,6 @@ class SendGridProvider:
         if 400 <= status < 500 and status not in (401, 403, 408):
             raise PermanentError(reason)
         raise TransientError(reason)
-
-    async def aclose(self) -> None:
-        """Close the connection pool if this provider created it (idempotent)."""
-        if self._own_client:
-            await self._client.aclose()
-
-    async def __aenter__(self) -> SendGridProvider:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.aclose()
 
     def _reason(self, response: httpx.Response) -> str:
         """``SendGrid <status> <phrase>: <messages>`` with addresses and keys masked."""

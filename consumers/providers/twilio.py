@@ -16,14 +16,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
 
 from consumers.providers.base import Gate, SmsMessage
-from consumers.providers.http import retry_after
+from consumers.providers.http import PooledClient, retry_after
 from consumers.sms_text import mask_number, redact_numbers
 from herald.errors import PermanentError, RateLimited, TransientError
 
@@ -51,7 +50,7 @@ ACCOUNT_CODES = frozenset({
 })
 
 
-class TwilioProvider:
+class TwilioProvider(PooledClient):
     """``Provider[SmsMessage]`` for Twilio's 2010-04-01 Messages resource.
 
     One ``httpx.AsyncClient`` (connection pool) serves every send; pass your own
@@ -75,8 +74,7 @@ class TwilioProvider:
                     f"{quote(account_sid, safe='')}/Messages.json")
         self._host = urlsplit(base_url).hostname or base_url
         self.timeout = httpx.Timeout(timeout)
-        self._own_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=self.timeout)
+        self._use_client(client, self.timeout)
         self._clock = clock
 
     def __repr__(self) -> str:
@@ -129,18 +127,6 @@ class TwilioProvider:
         if 400 <= status < 500:
             raise PermanentError(reason)
         raise TransientError(reason)   # 1xx/3xx: not an answer we can act on
-
-    async def aclose(self) -> None:
-        """Close the connection pool if this provider created it (idempotent)."""
-        if self._own_client:
-            await self._client.aclose()
-
-    async def __aenter__(self) -> TwilioProvider:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.aclose()
 
     def _reason(self, response: httpx.Response, data: dict[str, Any],
                 message: SmsMessage) -> str:

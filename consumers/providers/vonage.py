@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
 
 from consumers.providers.base import Gate, SmsMessage
-from consumers.providers.http import retry_after
+from consumers.providers.http import PooledClient, retry_after
 from consumers.sms_text import encoding, mask_number, redact_numbers
 from herald.errors import PermanentError, RateLimited, TransientError
 
@@ -59,7 +58,7 @@ STATUSES: dict[str, tuple[Outcome, str]] = {
 }
 
 
-class VonageProvider:
+class VonageProvider(PooledClient):
     """``Provider[SmsMessage]`` for Vonage's SMS API (``rest.nexmo.com``).
 
     Texts that are not GSM-7 go with ``type=unicode``; ``message.reference`` goes as
@@ -85,8 +84,7 @@ class VonageProvider:
         self.url = base_url.rstrip("/") + SEND_PATH
         self._host = urlsplit(base_url).hostname or base_url
         self.timeout = httpx.Timeout(timeout)
-        self._own_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=self.timeout)
+        self._use_client(client, self.timeout)
         self._clock = clock
 
     def __repr__(self) -> str:
@@ -166,18 +164,6 @@ class VonageProvider:
         if outcome == "permanent":
             raise PermanentError(reason)
         raise TransientError(reason)
-
-    async def aclose(self) -> None:
-        """Close the connection pool if this provider created it (idempotent)."""
-        if self._own_client:
-            await self._client.aclose()
-
-    async def __aenter__(self) -> VonageProvider:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.aclose()
 
     def _redact(self, text: str, message: SmsMessage) -> str:
         text = text.replace(self._secret, "<api-secret>").replace(self._key, "<api-key>")
