@@ -67,7 +67,7 @@ async def build_in_app_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     live = LiveHub(settings)
     prefs = preference_store(settings, store)
     handler = InAppChannel(Renderer(settings.templates_dir), store,
-                           Policy(store, settings.recipient_limit), prefs, live)
+                           Policy(store, settings.recipient_limit, digests=False), prefs, live)
     worker = Worker(settings, handler)
     worker.background.append(partial(prefs.listen, live))
     return worker, engine
@@ -132,7 +132,7 @@ async def build_push_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     store = DeliveryStore(engine, lease=2 * settings.provider_timeout + 5)
     prefs = preference_store(settings, store)
     handler = PushChannel(push_chains(settings), Renderer(settings.templates_dir), store,
-                          prefs, Policy(store, settings.recipient_limit))
+                          prefs, Policy(store, settings.recipient_limit, digests=False))
     worker = Worker(settings, handler)
     live = LiveHub(settings)
     worker.background.append(partial(prefs.listen, live))
@@ -152,7 +152,8 @@ async def build_sms_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     store = DeliveryStore(engine, lease=2 * settings.provider_timeout + 5)
     prefs = preference_store(settings, store)
     handler = SmsChannel(chain, Renderer(settings.templates_dir), store, prefs,
-                         settings.sms_max_segments, Policy(store, settings.recipient_limit))
+                         settings.sms_max_segments,
+                         Policy(store, settings.recipient_limit, digests=False))
     worker = Worker(settings, handler)
     live = LiveHub(settings)
     worker.background.append(partial(prefs.listen, live))

@@ -78,12 +78,16 @@ def post_data(envelope: Envelope) -> PostData:
         raise PermanentError(f"user.post data.{field}: {err['msg']}") from None
 
 
-async def message_for(store: PreferenceStore, envelope: Envelope, user_id: str) -> Message:
-    """The post as ``user_id`` sees it (their thread subscription looked up now)."""
+async def message_for(store: PreferenceStore, envelope: Envelope, user_id: str,
+                      now: datetime) -> Message:
+    """The post as ``user_id`` sees it (their thread subscription looked up now).
+
+    A post dated in the future (a skewed client clock) counts as posted ``now``.
+    """
     data = post_data(envelope)
     return Message(
         author_id=envelope.actor.id, channel_id=data.channel_id,
-        created_at=envelope.occurred_at, text=data.text, is_dm=data.is_dm,
+        created_at=min(envelope.occurred_at, now), text=data.text, is_dm=data.is_dm,
         thread_id=data.thread_id,
         user_subscribed_to_thread=await store.subscribed(data.thread_id, user_id),
         mentions=frozenset(data.mentions), special_mention=data.special_mention,
@@ -131,5 +135,5 @@ async def decide_for(store: PreferenceStore, envelope: Envelope, user_id: str,
     """
     prefs = await store.recipient(user_id)
     if envelope.type in MESSAGE_EVENTS:
-        return chart(prefs, kind, await message_for(store, envelope, user_id), now)
+        return chart(prefs, kind, await message_for(store, envelope, user_id, now), now)
     return not_a_message(envelope, prefs, now, dnd_for_events)

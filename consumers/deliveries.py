@@ -86,10 +86,12 @@ class DeliveryStore:
 
     async def _set(self, event_id: str, channel: str, recipient: str, **values: object) -> None:
         async with self.sessions() as session:
+            # Never undo a send: a worker whose lease ran out may report late.
             await session.exec(
                 update(Delivery).where(col(Delivery.event_id) == event_id,
                                        col(Delivery.channel) == channel,
-                                       col(Delivery.recipient) == recipient)
+                                       col(Delivery.recipient) == recipient,
+                                       col(Delivery.status) != "sent")
                 .values(updated_at=_now(), **values))
             await session.commit()
 
@@ -112,14 +114,23 @@ class DeliveryStore:
                         last_error=error[:2000])
 
     async def dead(self, event_id: str, channel: str, reason: str) -> None:
-        """Mark every unsent delivery of the event on ``channel`` as dead-lettered."""
+        """Mark the event's unsettled deliveries on ``channel`` as dead-lettered.
+
+        Decided outcomes (sent, suppressed, held, ...) stay as they are. The
+        delivery that failed keeps its own error; the others get a neutral
+        reason, never another recipient's provider error.
+        """
+        unsettled = (col(Delivery.event_id) == event_id, col(Delivery.channel) == channel,
+                     col(Delivery.status).not_in(FINAL))
         async with self.sessions() as session:
             await session.exec(
-                update(Delivery).where(col(Delivery.event_id) == event_id,
-                                       col(Delivery.channel) == channel,
-                                       col(Delivery.status) != "sent")
-                .values(status="dead", claimed_until=None, last_error=reason[:2000],
-                        updated_at=_now()))
+                update(Delivery).where(*unsettled, col(Delivery.status) == "failed")
+                .values(status="dead", claimed_until=None, updated_at=_now()))
+            await session.exec(
+                update(Delivery).where(*unsettled, col(Delivery.status) != "dead")
+                .values(status="dead", claimed_until=None, updated_at=_now(),
+                        last_error=f"not delivered: the event went to the {channel} DLQ "
+                                   f"({reason.split(':')[0]})"))
             await session.commit()
 
     async def settle(self, event_id: str, channel: str, recipient: str, status: str,

@@ -13,11 +13,13 @@ exchange so every API process can push it to the user's open inbox pages.
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import suppress
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlmodel import col, select
 
 from consumers.decide import DeviceKind
 from consumers.decisions import Outcome, decide_for
@@ -53,7 +55,7 @@ class InAppChannel:
                  live: LiveHub | None = None) -> None:
         self.renderer = renderer
         self.store = store
-        self.policy = policy or Policy(store, None)
+        self.policy = policy or Policy(store, None, digests=False)
         self.prefs = prefs or PreferenceStore(store.sessions, ttl=30, activity_window=600,
                                               mobile_push_threshold=120)
         self.live = live
@@ -117,7 +119,20 @@ class InAppChannel:
             with suppress(SQLAlchemyError, OSError):  # else the lease runs out; a retry takes it
                 await self.store.failed(*key, reason)
             raise TransientError(reason) from None
+        if row is None:
+            # A redelivery that raced past the claim: the stored row is the decision
+            # (deciding again now could contradict what the inbox shows).
+            stored = await self._stored(envelope.id, recipient.user_id)
+            if stored is not None:
+                outcome = Outcome(stored.delivered, stored.reason, tuple(
+                    step for step in _loads(stored.trail) if isinstance(step, dict)))
         await self._record(envelope, recipient, outcome, row)
+
+    async def _stored(self, event_id: str, user_id: str) -> Notification | None:
+        async with self.store.sessions() as session:
+            return (await session.exec(select(Notification).where(
+                col(Notification.event_id) == event_id,
+                col(Notification.user_id) == user_id))).first()
 
     async def _record(self, envelope: Envelope, recipient: Recipient, outcome: Outcome,
                       row: Notification | None) -> None:
@@ -160,3 +175,11 @@ def item_json(row: Notification) -> dict[str, Any]:
     return {"id": row.id, "event_id": row.event_id, "event_type": row.event_type,
             "title": row.title, "body": row.body, "read": row.read_at is not None,
             "created_at": as_utc(row.created_at).isoformat()}
+
+
+def _loads(text: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []

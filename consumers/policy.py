@@ -36,9 +36,11 @@ class Policy:
     throttle (not a cancellation: that is an explicit instruction).
     """
 
-    def __init__(self, store: DeliveryStore, limit: Rate | None) -> None:
+    def __init__(self, store: DeliveryStore, limit: Rate | None, digests: bool = True) -> None:
         self.store = store
         self.limit = limit
+        #: Whether this channel sends digests (email); elsewhere "digest" events are suppressed.
+        self.digests = digests
 
     async def check(self, envelope: Envelope, channel: str, recipient: str) -> Verdict | None:
         """None to send now; otherwise what to record instead."""
@@ -51,7 +53,7 @@ class Policy:
             return None
         reason = (f"throttled: {sent} {channel} notifications in the last "
                   f"{format_duration(self.limit.period)} (HERALD_RECIPIENT_LIMIT={self.limit})")
-        if envelope.digest:
+        if envelope.digest and self.digests:
             return Verdict("held", reason + "; held for the next digest")
         return Verdict("suppressed", reason)
 

@@ -148,8 +148,15 @@ class PreferenceStore:
         return build_prefs(user_id, snap, last_active, self.activity_window, self.threshold)
 
     async def devices(self, user_id: str) -> tuple[DeviceInfo, ...]:
-        """The user's registered push devices, oldest first."""
-        return (await self.snapshot(user_id)).devices
+        """The user's registered push devices, oldest first, read fresh.
+
+        Never from the cache: a token that moved to another account must not
+        get this user's notifications for a TTL.
+        """
+        async with self.sessions() as session:
+            rows = (await session.exec(select(Device).where(col(Device.user_id) == user_id)
+                                       .order_by(col(Device.created_at)))).all()
+        return tuple(DeviceInfo(d.id, d.platform, d.token) for d in rows)
 
     async def forget_device(self, device_id: str, user_id: str) -> bool:
         """Delete a device whose token the push service declared dead; True if it was there."""

@@ -55,7 +55,7 @@ class PushChannel:
         self.renderer = renderer
         self.store = store
         self.prefs = prefs
-        self.policy = policy or Policy(store, None)
+        self.policy = policy or Policy(store, None, digests=False)
 
     async def unavailable_for(self) -> float:
         """0 while some platform's service can be tried; else the shortest wait."""
@@ -140,7 +140,7 @@ class PushChannel:
             log.info("device %s of %s removed: %s", device.id, user_id, exc.reason)
             await self._skip(key, Outcome(
                 False, f"not pushed: device token no longer valid, device removed "
-                       f"({exc.reason})", outcome.trail), status="failed")
+                       f"({exc.reason})", outcome.trail))
             return None
         except DeliveryFailure as exc:
             DELIVERIES.labels(CHANNEL, "-", "failed").inc()
@@ -179,9 +179,10 @@ class PushChannel:
             value = envelope.data.get(name)
             if isinstance(value, str):
                 data[name] = value
+        thread = envelope.data.get("thread_id")
         return PushMessage(token=device.token, title=title, body=body, data=data,
-                           collapse_key=envelope.data.get("thread_id") or None,
-                           urgent=envelope.critical)
+                           collapse_key=thread[:64] if isinstance(thread, str) and thread
+                           else None, urgent=envelope.critical)
 
 
 def dev_payload(message: PushMessage) -> str:

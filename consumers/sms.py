@@ -58,7 +58,7 @@ class SmsChannel:
         self.store = store
         self.prefs = prefs
         self.max_segments = max_segments
-        self.policy = policy or Policy(store, None)
+        self.policy = policy or Policy(store, None, digests=False)
 
     async def unavailable_for(self) -> float:
         """Seconds until some SMS provider may be tried again (0: now)."""
@@ -86,7 +86,7 @@ class SmsChannel:
         snap = await self.prefs.snapshot(recipient.user_id)
         trail: list[dict[str, Any]] = []
         pref = OPT_IN.get(envelope.type)
-        if pref is not None and not envelope.critical:
+        if pref is not None:  # consent: even a critical event needs the opt-in
             on = bool(getattr(snap.prefs, pref, False)) if snap.prefs is not None else False
             trail.append({"node": pref, "label": f"{pref} on? (opt-in, default off)",
                           "answer": "yes" if on else "no"})

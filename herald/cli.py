@@ -419,7 +419,7 @@ def why(
         for step in d.trail:
             answer = f" → {step['answer']}" if step.get("answer") is not None else ""
             note = f"  ({step['note']})" if step.get("note") else ""
-            line = f"    {step.get('node', '?'):>5}  {step.get('label', '')}{answer}{note}"
+            line = f"    {step.get('node', '?')!s:>5}  {step.get('label', '')}{answer}{note}"
             out.print(escape(line), highlight=False, soft_wrap=True)
 
 

@@ -335,6 +335,7 @@ async def test_sms_login_alerts_are_opt_in_and_need_a_valid_number(
                         data={"name": user_id, "ip": "203.0.113.9"})
 
     events = {u: login(u) for u in ("u-ada", "u-bob", "u-cat")}
+    events["u-ada"] = events["u-ada"].model_copy(update={"critical": True})  # still opt-in
     async with sms_worker(settings):
         for envelope in events.values():
             await publish(connection, settings, envelope, routing_key="user.login")
@@ -491,7 +492,7 @@ async def test_real_push_services_by_platform_and_a_dead_token_removes_the_devic
             await delete_topology(connection, settings)
     assert found["d-phone"].status == "sent" and found["d-phone"].provider == "fcm"
     assert found["d-web"].status == "sent" and found["d-web"].provider == "webpush"
-    assert found["d-old"].status == "failed"
+    assert found["d-old"].status == "suppressed"
     assert "device removed" in found["d-old"].reason and old_phone_token not in (
         found["d-old"].reason)
     assert sorted(d.id for d in devices) == ["d-phone", "d-web"]

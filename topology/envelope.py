@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     EmailStr,
@@ -50,7 +51,8 @@ class Recipient(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str
+    #: At most 63 characters and no "/" (a push delivery is keyed "<user_id>/<device_id>").
+    user_id: str = Field(min_length=1, max_length=63, pattern=r"^[^/\s]+$")
     email: EmailStr | None = None
     name: str | None = None
     phone: str | None = None
@@ -64,7 +66,7 @@ class Envelope(BaseModel):
 
     id: str = Field(default_factory=lambda: str(uuid.uuid4()))
     type: EventType
-    occurred_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    occurred_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     actor: Actor
     recipients: list[Recipient] = Field(min_length=1)
     data: dict[str, Any] = Field(default_factory=dict)
