@@ -116,16 +116,17 @@ class DeliveryStore:
     async def dead(self, event_id: str, channel: str, reason: str) -> None:
         """Mark the event's unsettled deliveries on ``channel`` as dead-lettered.
 
-        Decided outcomes (sent, suppressed, held, ...) stay as they are. The
-        delivery that failed keeps its own error; the others get a neutral
-        reason, never another recipient's provider error.
+        Decided outcomes (sent, suppressed, held, ...) stay as they are. A
+        delivery that failed gets the DLQ reason (its own failure); the others
+        a neutral one, never another recipient's provider error.
         """
         unsettled = (col(Delivery.event_id) == event_id, col(Delivery.channel) == channel,
                      col(Delivery.status).not_in(FINAL))
         async with self.sessions() as session:
             await session.exec(
                 update(Delivery).where(*unsettled, col(Delivery.status) == "failed")
-                .values(status="dead", claimed_until=None, updated_at=_now()))
+                .values(status="dead", claimed_until=None, updated_at=_now(),
+                        last_error=reason[:2000]))
             await session.exec(
                 update(Delivery).where(*unsettled, col(Delivery.status) != "dead")
                 .values(status="dead", claimed_until=None, updated_at=_now(),

@@ -29,11 +29,11 @@ async def test_dead_lettering_keeps_decisions_and_never_spreads_one_recipients_e
         # When the event is dead-lettered
         await store.dead("e-1", "push", "permanent: 550 <cat@example.com> unknown")
         rows = {u: await store.get("e-1", "push", u) for u in ("ada", "bob", "cat", "dan")}
-        # Then decisions stay, the failing delivery keeps its own error, others get a neutral one
+        # Then decisions stay, the failing delivery gets the DLQ reason, others a neutral one
         assert rows["ada"] is not None and rows["ada"].status == "suppressed"
         assert rows["bob"] is not None and rows["bob"].status == "sent"
         assert rows["cat"] is not None and rows["cat"].status == "dead"
-        assert rows["cat"].last_error == "550 <cat@example.com> unknown"
+        assert rows["cat"].last_error == "permanent: 550 <cat@example.com> unknown"
         assert rows["dan"] is not None and rows["dan"].status == "dead"
         assert "cat@example.com" not in (rows["dan"].last_error or "")
         # And a late report from a worker whose lease ran out cannot undo a send
