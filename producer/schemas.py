@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
 
-from producer.social_schemas import Handle, Locale, Phone, TimeZone
+from producer.social_schemas import Handle, Locale, Phone, TimeZone, strip_name
 from topology.envelope import Actor, CancelKey, EventType, Recipient
 from topology.spec import EVENT_TYPES
 
@@ -41,13 +41,7 @@ class SignupIn(BaseModel):
 
     _email = field_validator("email")(_normalise_email)
 
-    @field_validator("name")
-    @classmethod
-    def _strip_name(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("name must not be blank")
-        return value
+    _name = field_validator("name")(strip_name)
 
 
 class LoginIn(BaseModel):

@@ -30,6 +30,15 @@ from pydantic import (
 from herald.phones import normalise_phone
 from producer.mentions import HANDLE_PATTERN, SPECIAL, is_valid_handle
 
+
+def strip_name(value: str) -> str:
+    """A display name without surrounding spaces; raises ValueError when nothing is left."""
+    value = value.strip()
+    if not value:
+        raise ValueError("name must not be blank")
+    return value
+
+
 #: H1: a user's global notification pref per device kind (``consumers.decide.GlobalPref``).
 GlobalPrefName = Literal["all", "mentions", "dms", "highlight_words", "never"]
 #: F1: a member's pref for one channel per device kind (``consumers.decide.ChannelPref``).
@@ -132,13 +141,7 @@ class MeUpdate(BaseModel):
 
     _required = field_validator("name", "handle", "locale", "timezone")(_not_null)
 
-    @field_validator("name")
-    @classmethod
-    def _strip_name(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("name must not be blank")
-        return value
+    _name = field_validator("name")(strip_name)
 
 
 class PresenceOut(BaseModel):
@@ -380,13 +383,7 @@ class ChannelIn(BaseModel):
         default_factory=list, max_length=1000, description="Other members' user ids.")
     is_dm: bool = Field(default=False, description="A direct message: exactly one other member.")
 
-    @field_validator("name")
-    @classmethod
-    def _strip_name(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("name must not be blank")
-        return value
+    _name = field_validator("name")(strip_name)
 
 
 class MemberIn(BaseModel):
