@@ -89,6 +89,19 @@ def sms_worker(settings: Settings) -> AbstractAsyncContextManager[Worker]:
     return _running(build_sms_worker, settings)
 
 
+PASSWORD = "correct horse battery"
+
+
+async def sign_up(api: httpx.AsyncClient, name: str) -> tuple[str, dict[str, str]]:
+    """Sign ``name`` up and log in through the API; their user id and ``Authorization``."""
+    email = f"{name}@example.com"
+    signup = await api.post("/signup", json={"email": email, "password": PASSWORD, "name": name})
+    assert signup.status_code == 201, signup.text
+    login = await api.post("/login", json={"email": email, "password": PASSWORD})
+    assert login.status_code == 200, login.text
+    return login.json()["user"]["id"], {"Authorization": f"Bearer {login.json()['access_token']}"}
+
+
 async def rows(settings: Settings, model: Any) -> list[Any]:
     """Every row of ``model``'s table, read through a connection of the test's own."""
     engine = make_engine(settings.database_url)

@@ -15,9 +15,8 @@ import pytest
 from herald.db import make_engine, session_factory
 from herald.models import ApiToken, IdempotencyKey, Notification, as_utc, utcnow
 from herald.settings import Settings
-from tests.harness import rows
+from tests.harness import PASSWORD, rows, sign_up
 
-PASSWORD = "correct horse battery"
 TRAIL = [{"node": "quiet_hours", "label": "inside quiet hours?", "answer": "yes"}]
 
 
@@ -25,16 +24,6 @@ TRAIL = [{"node": "quiet_hours", "label": "inside quiet hours?", "answer": "yes"
 def api_settings(database_url: str, make_settings: Callable[..., Settings]) -> Settings:
     """Settings on the parametrised database (SQLite, then PostgreSQL)."""
     return make_settings()
-
-
-async def _user(api: httpx.AsyncClient, name: str) -> tuple[str, dict[str, str]]:
-    """Sign ``name`` up and log in; their id and ``Authorization`` header."""
-    email = f"{name}@example.com"
-    signup = await api.post("/signup", json={"email": email, "password": PASSWORD, "name": name})
-    assert signup.status_code == 201, signup.text
-    login = await api.post("/login", json={"email": email, "password": PASSWORD})
-    assert login.status_code == 200, login.text
-    return login.json()["user"]["id"], {"Authorization": f"Bearer {login.json()['access_token']}"}
 
 
 async def _insert(settings: Settings, *new: Any) -> list[int]:
@@ -67,7 +56,7 @@ async def test_login_returns_a_working_token_stored_only_as_its_hash(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
     # When Ada logs in
-    user_id, auth = await _user(api, "ada")
+    user_id, auth = await sign_up(api, "ada")
     token = auth["Authorization"].removeprefix("Bearer ")
     # Then the token is long and random, and only its SHA-256 is stored, for 24h
     assert len(token) >= 43
@@ -101,7 +90,7 @@ async def test_login_answers_token_type_and_the_configured_lifetime(
 
 
 async def test_each_login_gets_its_own_token(api: httpx.AsyncClient) -> None:
-    _, first = await _user(api, "ada")
+    _, first = await sign_up(api, "ada")
     again = await api.post("/login", json={"email": "ada@example.com", "password": PASSWORD})
     assert again.json()["access_token"] != first["Authorization"].removeprefix("Bearer ")
 
@@ -110,7 +99,7 @@ async def test_a_replayed_login_carries_the_same_token_and_stores_none_in_clear(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
     # Given a login with an Idempotency-Key
-    await _user(api, "ada")
+    await sign_up(api, "ada")
     key = {"Idempotency-Key": str(uuid.uuid4())}
     creds = {"email": "ada@example.com", "password": PASSWORD}
     first = await api.post("/login", json=creds, headers=key)
@@ -137,7 +126,7 @@ async def test_a_replayed_login_carries_the_same_token_and_stores_none_in_clear(
 async def test_no_valid_token_is_401_with_a_bearer_challenge(
     api: httpx.AsyncClient, api_settings: Settings, how: str, method: str, path: str
 ) -> None:
-    user_id, _ = await _user(api, "ada")
+    user_id, _ = await sign_up(api, "ada")
     [note_id] = await _insert(api_settings, _note(user_id, 1))
     assert note_id == 1
     headers = {"none": {}, "garbage": {"Authorization": "Bearer not-a-token"},
@@ -158,7 +147,7 @@ async def test_no_valid_token_is_401_with_a_bearer_challenge(
 async def test_a_token_just_before_expiry_still_works(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
-    user_id, _ = await _user(api, "ada")
+    user_id, _ = await sign_up(api, "ada")
     token = "nearly-expired-token-0123"
     await _insert(api_settings, ApiToken(
         token_hash=hashlib.sha256(token.encode()).hexdigest(), user_id=user_id,
@@ -174,8 +163,8 @@ async def test_the_inbox_lists_only_own_delivered_rows_newest_first(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
     # Given Ada's three delivered notifications, one held back, and Bob's two
-    ada, ada_auth = await _user(api, "ada")
-    bob, bob_auth = await _user(api, "bob")
+    ada, ada_auth = await sign_up(api, "ada")
+    bob, bob_auth = await sign_up(api, "bob")
     ids = await _insert(api_settings, _note(ada, 1), _note(bob, 2), _note(ada, 3),
                         _note(ada, 4, delivered=False, reason="quiet hours"),
                         _note(bob, 5), _note(ada, 6))
@@ -196,7 +185,7 @@ async def test_the_inbox_lists_only_own_delivered_rows_newest_first(
 async def test_the_unread_filter_and_unread_count(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
-    ada, auth = await _user(api, "ada")
+    ada, auth = await sign_up(api, "ada")
     ids = await _insert(api_settings, _note(ada, 1), _note(ada, 2, read_at=utcnow()),
                         _note(ada, 3), _note(ada, 4, delivered=False))
     unread = await api.get("/me/notifications", params={"unread": "true"}, headers=auth)
@@ -213,8 +202,8 @@ async def test_pages_by_id_with_next_before(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
     # Given five of Ada's delivered rows, interleaved with Bob's and a held-back one
-    ada, auth = await _user(api, "ada")
-    bob, _ = await _user(api, "bob")
+    ada, auth = await sign_up(api, "ada")
+    bob, _ = await sign_up(api, "bob")
     ids = await _insert(api_settings, _note(ada, 1), _note(bob, 2), _note(ada, 3),
                         _note(ada, 4, delivered=False), _note(ada, 5), _note(ada, 6),
                         _note(bob, 7), _note(ada, 8))
@@ -245,14 +234,14 @@ async def test_pages_by_id_with_next_before(
 async def test_bad_query_parameters_are_422_naming_them(
     api: httpx.AsyncClient, params: dict[str, Any], field: str
 ) -> None:
-    _, auth = await _user(api, "ada")
+    _, auth = await sign_up(api, "ada")
     response = await api.get("/me/notifications", params=params, headers=auth)
     assert response.status_code == 422, response.text
     assert [e["loc"] for e in response.json()["detail"]] == [["query", field]]
 
 
 async def test_a_bad_notification_id_is_422(api: httpx.AsyncClient) -> None:
-    _, auth = await _user(api, "ada")
+    _, auth = await sign_up(api, "ada")
     for path in ("/me/notifications/abc/read", "/me/notifications/0/why"):
         method = "POST" if path.endswith("read") else "GET"
         response = await api.request(method, path, headers=auth)
@@ -266,7 +255,7 @@ async def test_a_bad_notification_id_is_422(api: httpx.AsyncClient) -> None:
 async def test_marking_one_read_is_idempotent(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
-    ada, auth = await _user(api, "ada")
+    ada, auth = await sign_up(api, "ada")
     ids = await _insert(api_settings, _note(ada, 1), _note(ada, 2))
     # When Ada marks the first one read, twice
     first = await api.post(f"/me/notifications/{ids[0]}/read", headers=auth)
@@ -286,8 +275,8 @@ async def test_marking_one_read_is_idempotent(
 async def test_read_all_marks_only_own_unread_delivered_rows(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
-    ada, auth = await _user(api, "ada")
-    bob, bob_auth = await _user(api, "bob")
+    ada, auth = await sign_up(api, "ada")
+    bob, bob_auth = await sign_up(api, "bob")
     await _insert(api_settings, _note(ada, 1), _note(ada, 2), _note(ada, 3, read_at=utcnow()),
                   _note(ada, 4, delivered=False), _note(bob, 5))
     first = await api.post("/me/notifications/read-all", headers=auth)
@@ -307,7 +296,7 @@ async def test_read_all_marks_only_own_unread_delivered_rows(
 async def test_why_explains_a_notification_that_was_not_delivered(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
-    ada, auth = await _user(api, "ada")
+    ada, auth = await sign_up(api, "ada")
     held, shown = await _insert(
         api_settings, _note(ada, 1, delivered=False, reason="quiet hours",
                             trail=json.dumps(TRAIL)),
@@ -325,8 +314,8 @@ async def test_another_users_notification_is_404(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
     # Given Bob's notifications, one delivered and one held back
-    bob, _ = await _user(api, "bob")
-    _, ada_auth = await _user(api, "ada")
+    bob, _ = await sign_up(api, "bob")
+    _, ada_auth = await sign_up(api, "ada")
     shown, held = await _insert(api_settings, _note(bob, 1),
                                 _note(bob, 2, delivered=False, trail=json.dumps(TRAIL)))
     # When Ada asks about them by id, or about an id that does not exist
@@ -343,7 +332,7 @@ async def test_another_users_notification_is_404(
 async def test_a_held_back_notification_cannot_be_marked_read(
     api: httpx.AsyncClient, api_settings: Settings
 ) -> None:
-    ada, auth = await _user(api, "ada")
+    ada, auth = await sign_up(api, "ada")
     [held] = await _insert(api_settings, _note(ada, 1, delivered=False))
     response = await api.post(f"/me/notifications/{held}/read", headers=auth)
     assert response.status_code == 404

@@ -19,9 +19,9 @@ from herald.models import User
 from herald.settings import Settings
 from producer.api import create_app
 from tests.conftest import IN_CI, eventually
-from tests.harness import api_client, in_app_worker, relay, rows
+from tests.harness import PASSWORD, api_client, in_app_worker, relay, rows, sign_up
 from tests.tcpproxy import TcpProxy
-from tests.test_live import PASSWORD, serve, sign_up
+from tests.test_live import serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 SERVICE_TOKEN = "page-test-service-token"

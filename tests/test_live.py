@@ -44,7 +44,6 @@ from topology.live import (
     user_changed_key,
 )
 
-PASSWORD = "correct horse battery"
 STREAM = "/me/notifications/stream"
 #: Seconds to wait for anything that should happen now (generous: CI is slow).
 WAIT = 15.0
@@ -80,16 +79,6 @@ async def serve(app: FastAPI, graceful: float = 5) -> AsyncIterator[Served]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, WAIT)
-
-
-async def sign_up(api: httpx.AsyncClient, name: str) -> tuple[str, dict[str, str]]:
-    """Sign ``name`` up and log in through the API; their user id and ``Authorization``."""
-    email = f"{name}@example.com"
-    signup = await api.post("/signup", json={"email": email, "password": PASSWORD, "name": name})
-    assert signup.status_code == 201, signup.text
-    login = await api.post("/login", json={"email": email, "password": PASSWORD})
-    assert login.status_code == 200, login.text
-    return login.json()["user"]["id"], {"Authorization": f"Bearer {login.json()['access_token']}"}
 
 
 async def user_with_token(settings: Settings, name: str) -> tuple[str, dict[str, str]]:
