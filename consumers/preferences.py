@@ -1,12 +1,13 @@
 """What the decision engine needs to know about a recipient, read from the database and cached.
 
 A worker asks :class:`PreferenceStore` for a recipient's :class:`RecipientPrefs`
-and devices on every message; the rows behind them (contact details,
-preferences, channel preferences, devices) are cached per user for
+and devices on every message; the rows behind the preferences (contact
+details, preferences, channel preferences) are cached per user for
 ``HERALD_USER_CACHE_TTL`` and dropped at once when the API says the user
 changed them (``user.<id>.changed`` on the live exchange, see
-:meth:`PreferenceStore.listen`). Presence (``last_active_at``) and thread
-subscriptions change too often to cache: they are read fresh each time.
+:meth:`PreferenceStore.listen`). Presence (``last_active_at``), thread
+subscriptions and devices are read fresh each time: the first two change
+often, and a device token may move to another account.
 """
 
 from __future__ import annotations
@@ -64,12 +65,11 @@ class DeviceInfo:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The cacheable part of a user: contact details, preferences, devices."""
+    """The cacheable part of a user: contact details and preferences (devices are read fresh)."""
 
     user: User | None
     prefs: UserPreferences | None
     channels: tuple[ChannelPreferences, ...]
-    devices: tuple[DeviceInfo, ...]
 
 
 E = TypeVar("E", ChannelPref, GlobalPref)
@@ -118,11 +118,8 @@ class PreferenceStore:
             prefs = await session.get(UserPreferences, user_id)
             channels = tuple((await session.exec(select(ChannelPreferences).where(
                 col(ChannelPreferences.user_id) == user_id))).all())
-            devices = tuple(DeviceInfo(d.id, d.platform, d.token) for d in (await session.exec(
-                select(Device).where(col(Device.user_id) == user_id)
-                .order_by(col(Device.created_at)))).all())
         self.loads += 1
-        snap = Snapshot(user, prefs, channels, devices)
+        snap = Snapshot(user, prefs, channels)
         self._cache[user_id] = snap
         return snap
 

@@ -14,7 +14,6 @@ was active elsewhere since is not pushed either.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -152,10 +151,9 @@ class PushChannel:
                  envelope.type, user_id, device.platform, device.id, provider)
         return None
 
-    async def _skip(self, key: tuple[str, str, str], outcome: Outcome,
-                    status: str = "suppressed") -> None:
-        await self.store.settle(*key, status, outcome.reason, trail=outcome.trail_json())
-        DELIVERIES.labels(CHANNEL, "-", status).inc()
+    async def _skip(self, key: tuple[str, str, str], outcome: Outcome) -> None:
+        await self.store.settle(*key, "suppressed", outcome.reason, trail=outcome.trail_json())
+        DELIVERIES.labels(CHANNEL, "-", "suppressed").inc()
         log.info("event %s not pushed to %s: %s", key[0], key[2], outcome.reason)
 
     async def _read_in_app(self, event_id: str, user_id: str) -> bool:
@@ -184,8 +182,3 @@ class PushChannel:
                            collapse_key=thread[:64] if isinstance(thread, str) and thread
                            else None, urgent=envelope.critical)
 
-
-def dev_payload(message: PushMessage) -> str:
-    """What the dev sink writes for a push (the token shortened)."""
-    return json.dumps({"token": f"…{message.token[-6:]}", "title": message.title,
-                       "body": message.body, "data": dict(message.data)}, indent=2)
