@@ -51,6 +51,15 @@ class TransientError(DeliveryFailure):
         self.retry_after = retry_after
 
 
+class RecipientError(TransientError):
+    """Raised when one address or token is refused for now (SMTP 450/451/452, greylisting).
+
+    Retried on the ladder like any transient failure, but it says nothing
+    about the provider's health: it never counts toward a circuit breaker and
+    never fails over to the next provider.
+    """
+
+
 class Deferred(TransientError):
     """Raised when a delivery must wait but has not failed: it does not use a retry."""
 
@@ -73,3 +82,11 @@ class DeliveryInProgress(Deferred):
 
 class DeadToken(PermanentError):
     """Raised when a push service says a device token is gone (FCM UNREGISTERED, APNs 410)."""
+
+
+class DatabaseUnavailable(HeraldError):
+    """Raised when the database cannot be reached (connection refused, lost, or shut down).
+
+    Not a delivery failure: the API answers 503 with ``Retry-After`` and the
+    workers stop consuming until the database is back, spending no retries.
+    """

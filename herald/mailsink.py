@@ -3,7 +3,8 @@
 ``herald run`` starts it when no ``HERALD_SMTP_URL`` is set, so the main job
 works with zero configuration: each email is saved as an ``.eml`` file. Tests
 and benchmarks use the same server with faults switched on (refuse the first
-N messages, refuse all, cap the rate, hang), speaking real SMTP throughout.
+N messages, refuse all, cap the rate, hang, greylist each recipient), speaking
+real SMTP throughout.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class Faults:
     rate_reply: str = "421 4.7.0 Rate limit exceeded, too many messages"  #: … then say this
     hang_first: int = 0  #: stall on DATA for the first N messages …
     hang_seconds: float = 3600.0  #: … this long
+    #: Greylist: refuse each RCPT TO address until this long after its first attempt …
+    greylist_seconds: float | None = None
+    greylist_reply: str = "451 4.7.1 Greylisted, please try again later"  #: … with this
 
 
 @dataclass
@@ -50,8 +54,31 @@ class MailSink:
     attempted_at: list[float] = field(default_factory=list)  #: monotonic time of every DATA
     refused: int = 0
     received: int = 0
+    greylisted: int = 0  #: RCPT TO commands refused by the greylist
     _recent: deque[float] = field(default_factory=deque)
+    _first_seen: dict[str, float] = field(default_factory=dict)  #: address → first RCPT
     _arrived: asyncio.Condition | None = None
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        """aiosmtpd hook: accept a recipient, or greylist it.
+
+        Greylisting as real servers do it, keyed by address only: the first
+        attempt for an address is refused, and so is every later one until
+        ``greylist_seconds`` have passed since that first attempt; then it is
+        accepted from then on. Being the hook, it adds accepted addresses to
+        the envelope itself.
+        """
+        seconds = self.faults.greylist_seconds
+        if seconds is not None:
+            now = time.monotonic()
+            first = self._first_seen.setdefault(address.lower(), now)
+            if now - first < seconds:
+                self.greylisted += 1
+                return self.faults.greylist_reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """aiosmtpd hook: accept, refuse or stall one message."""

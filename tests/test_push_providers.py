@@ -23,6 +23,7 @@ from herald.errors import (
     DeadToken,
     PermanentError,
     RateLimited,
+    RecipientError,
     TransientError,
 )
 from tests.standins.apns import ApnsStandIn
@@ -367,14 +368,27 @@ async def test_apns_bad_device_token_is_a_dead_token(tmp_path: Path) -> None:
             assert len(apns.calls) == 1   # no request for a token that cannot be a path
 
 
-async def test_apns_too_many_requests_is_rate_limited(tmp_path: Path) -> None:
+async def test_apns_too_many_requests_to_one_device_is_a_recipient_error(
+        tmp_path: Path) -> None:
+    # APNs' TooManyRequests is about one device token: that push retries on the
+    # ladder, and the provider is neither paused nor counted as failing.
     async with asyncio.timeout(LIMIT):
         async with ApnsStandIn() as apns, apns_provider(apns, tmp_path) as p:
             apns.faults.append(ApnsFault(429, "TooManyRequests", retry_after="12"))
-            with pytest.raises(RateLimited) as caught:
+            with pytest.raises(RecipientError) as caught:
                 await p.send(push(apns.new_token()))
             assert caught.value.retry_after == 12.0
             assert caught.value.reason.startswith("APNs 429 TooManyRequests")
+
+
+async def test_apns_too_many_provider_token_updates_is_rate_limited(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT):
+        async with ApnsStandIn() as apns, apns_provider(apns, tmp_path) as p:
+            apns.faults.append(ApnsFault(429, "TooManyProviderTokenUpdates", retry_after="5"))
+            with pytest.raises(RateLimited) as caught:
+                await p.send(push(apns.new_token()))
+            assert caught.value.retry_after == 5.0
+            assert caught.value.reason.startswith("APNs 429 TooManyProviderTokenUpdates")
 
 
 @pytest.mark.parametrize(("status", "reason"), [
@@ -636,6 +650,19 @@ async def test_webpush_rejected_request_is_permanent(tmp_path: Path) -> None:
             wp.faults.append(PushFault(413))
             with pytest.raises(PermanentError, match=r"Web Push 413 .* errno 104"):
                 await p.send(push(wp.subscribe().token))
+
+
+async def test_webpush_refused_vapid_token_is_a_provider_failure(tmp_path: Path) -> None:
+    # 401: our VAPID token itself is refused, so every push would be (breaker, failover)
+    vapid_key = write_vapid_key(tmp_path)
+    async with asyncio.timeout(LIMIT):
+        async with WebPushStandIn() as wp, WebPushProvider(
+                vapid_key, SUBJECT, timeout=5, clock=lambda: time.time() + 13 * 3600) as p:
+            # a clock 13 h ahead signs tokens expiring more than 24 h from the service's now
+            with pytest.raises(TransientError) as caught:
+                await p.send(push(wp.subscribe().token))
+            assert type(caught.value) is TransientError
+            assert caught.value.reason.startswith("Web Push 401 Unauthorized errno 109")
 
 
 async def test_webpush_payload_over_one_record_is_permanent_without_a_request(

@@ -70,7 +70,10 @@ async def test_a_transient_primary_failure_tries_the_backup_first(
     connection: AbstractRobustConnection, make_settings: Callable[..., Settings],
     smtp: MailSink, sendgrid: SendGridStandIn, topology: Settings,
 ) -> None:
-    smtp.faults.refuse_first = 1  # 451 once, then fine
+    # 421 once (the provider's trouble), then fine; a 451 would be about the recipient
+    # and stay with SMTP (tests/test_greylisting.py)
+    smtp.faults.refuse_first = 1
+    smtp.faults.refuse_code = "421 4.3.0 Service not available, closing channel"
     settings = chain_settings(make_settings, smtp_url(smtp), sendgrid)
     first, second = make_envelope(user_id="a"), make_envelope(user_id="b", email="b@example.com")
     async with email_worker(settings) as worker:

@@ -29,7 +29,14 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from consumers.providers.base import Gate, PushMessage
 from consumers.providers.http import mask_token as mask
 from consumers.providers.http import retry_after
-from herald.errors import ConfigError, DeadToken, PermanentError, RateLimited, TransientError
+from herald.errors import (
+    ConfigError,
+    DeadToken,
+    PermanentError,
+    RateLimited,
+    RecipientError,
+    TransientError,
+)
 
 log = logging.getLogger("herald.push.apns")
 
@@ -118,9 +125,11 @@ class ApnsProvider:
                 token that is not hexadecimal (no request is made): forget the device.
             PermanentError: another 400 (BadCollapseId, TopicDisallowed …), 413
                 PayloadTooLarge, or another 4xx retrying cannot fix.
-            RateLimited: 429 (TooManyRequests, TooManyProviderTokenUpdates), with
+            RecipientError: 429 TooManyRequests (too many pushes to this one device
+                token: retried on the ladder; no breaker, no provider-wide wait).
+            RateLimited: another 429 (TooManyProviderTokenUpdates), with
                 ``retry_after`` from Retry-After when APNs sends one.
-            TransientError: 403 (InvalidProviderToken, a second ExpiredProviderToken …:
+            TransientError: 401/403 (InvalidProviderToken, a second ExpiredProviderToken …:
                 our key or team, so the circuit breaker opens and messages wait),
                 404/405 (wrong base URL), 5xx, timeouts, connection and HTTP/2 errors.
         """
@@ -189,8 +198,14 @@ class ApnsProvider:
         reason = f"APNs {status} {code[:100]} (device {mask(device)})"
         if status == 410 or (status == 400 and code == "BadDeviceToken"):
             raise DeadToken(reason)
+        if status == 429 and code == "TooManyRequests":
+            # Apple: "too many requests were made consecutively to the same device
+            # token". Pausing the whole provider for one busy device would hold
+            # everybody else's pushes back.
+            raise RecipientError(reason,
+                                 retry_after=retry_after(response.headers, self._clock()))
         if status == 429:
             raise RateLimited(reason, retry_after=retry_after(response.headers, self._clock()))
-        if status >= 500 or status in (403, 404, 405, 408):
+        if status >= 500 or status in (401, 403, 404, 405, 408):
             raise TransientError(reason)
         raise PermanentError(reason)

@@ -1,18 +1,21 @@
 """A channel's providers in order, each behind its own circuit breaker (purgatory).
 
-``send`` tries the providers in turn: a transient failure, a rate-limit
-answer or an open circuit moves on to the next one; a permanent failure
-(the message itself is bad) stops at once. When every provider's circuit is
-open the channel is down: ``ChannelDown`` (a deferral, so no retry is spent)
-and ``unavailable_for`` tell the worker to stop consuming until a breaker's
+``send`` tries the providers in turn: a provider-level transient failure
+(connection, timeout, 5xx, auth), a rate-limit answer or an open circuit
+moves on to the next one; a permanent failure (the message itself is bad) or
+a recipient-level one (``RecipientError``: this address is greylisted, that
+mailbox is full) stops at once, since the next provider would get the same
+answer about that address. When every provider's circuit is open the channel
+is down: ``ChannelDown`` (a deferral, so no retry is spent) and
+``unavailable_for`` tell the worker to stop consuming until a breaker's
 cooldown ends and a probe may go out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from functools import partial
 from typing import Generic, TypeVar
 
 from purgatory import AsyncCircuitBreakerFactory
@@ -26,6 +29,7 @@ from herald.errors import (
     DeliveryFailure,
     PermanentError,
     RateLimited,
+    RecipientError,
     TransientError,
 )
 from herald.metrics import SEND_SECONDS
@@ -37,9 +41,11 @@ M = TypeVar("M")
 class ProviderChain(Generic[M]):
     """Sends through the first provider that takes the message.
 
-    Breakers count transient failures only (a rate limit or a bad message says
-    nothing about the provider's health); ``threshold`` in a row opens one for
-    ``cooldown`` seconds, after which the next send is its probe.
+    Breakers count provider-level transient failures only (a rate limit, a bad
+    message or one recipient's temporary refusal says nothing about the
+    provider's health, and counts as an answer from a working provider);
+    ``threshold`` in a row opens one for ``cooldown`` seconds, after which the
+    next send is its probe.
     """
 
     def __init__(self, channel: str, providers: list[Provider[M]], limiter: RateLimiter,
@@ -52,30 +58,42 @@ class ProviderChain(Generic[M]):
         self.cooldown = cooldown
         self._breakers = AsyncCircuitBreakerFactory(
             default_threshold=threshold, default_ttl=cooldown,
-            exclude=[PermanentError, Deferred])
+            exclude=[PermanentError, Deferred, RecipientError])
 
     @property
     def names(self) -> list[str]:
         """Provider names in the order they are tried."""
         return [p.name for p in self.providers]
 
-    async def send(self, message: M) -> str:
+    async def send(self, message: M, handover: asyncio.Event | None = None) -> str:
         """Deliver ``message``; return the name of the provider that accepted it.
 
-        Raises ``PermanentError`` at once; otherwise the last provider's error,
-        or ``ChannelDown`` when every circuit is open.
+        ``handover`` is set once a provider is about to be handed the message
+        (its rate-limit slot taken: the next bytes go to the provider); until
+        then a cancelled send certainly reached nobody.
+
+        Raises ``PermanentError`` and ``RecipientError`` at once (no failover);
+        otherwise the last provider's error, or ``ChannelDown`` when every
+        circuit is open.
         """
         failures: list[DeliveryFailure] = []
         for provider in self.providers:
             breaker = await self._breakers.get_breaker(provider.name)
+
+            async def gate(name: str = provider.name) -> None:
+                await self.limiter.acquire(name)
+                if handover is not None:
+                    handover.set()
+
             try:
                 async with breaker:
                     with SEND_SECONDS.labels(self.channel, provider.name).time():
-                        await provider.send(message, partial(self.limiter.acquire,
-                                                             provider.name))
+                        await provider.send(message, gate)
                 return provider.name
             except OpenedState:
                 continue
+            except RecipientError:
+                raise  # about this address, not the provider: another would refuse it too
             except RateLimited as exc:
                 await self.limiter.pause(provider.name, exc.retry_after or 1.0)
                 failures.append(exc)

@@ -186,9 +186,12 @@ class WebPushProvider:
             DeadToken: the subscription JSON is unusable (no request is made), or
                 the push service answered 404/410 (gone): forget the subscription.
             PermanentError: the payload exceeds one 4096-octet record (no request),
-                413, or another 4xx (400 bad headers, 401/403 VAPID rejected …).
+                413, 403 (the subscription was made with another VAPID key: about
+                this subscription only), or another 4xx (400 bad headers …).
             RateLimited: 429, with ``retry_after`` from Retry-After.
-            TransientError: 5xx (with Retry-After if given), timeouts, connection errors.
+            TransientError: 401 (our VAPID token refused: every push would be, so the
+                breaker counts it), 5xx (with Retry-After if given), timeouts,
+                connection errors.
         """
         subscription = parse_subscription(message.token)
         plaintext = payload_of(message)
@@ -251,9 +254,12 @@ class WebPushProvider:
             raise DeadToken(reason)
         if status == 429:
             raise RateLimited(reason, retry_after=retry_after(response.headers, self._clock()))
-        if status >= 500:
+        if status >= 500 or status == 401:
             raise TransientError(reason,
                                  retry_after=retry_after(response.headers, self._clock()))
+        # 403 included: RFC 8292 says a push service answers 403 when the subscription
+        # was created with another application server key, which is one subscription's
+        # trouble; counting it would let a few stale subscriptions pause every push.
         raise PermanentError(reason)
 
     def _reason(self, response: httpx.Response, subscription: Subscription) -> str:
