@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from email.headerregistry import Address
@@ -13,6 +14,7 @@ from consumers.deliveries import DeliveryStore
 from consumers.policy import Policy
 from consumers.providers.chain import ProviderChain
 from consumers.templates import Renderer
+from consumers.units import distinct_users, recipient_of
 from herald.errors import DeliveryFailure, PermanentError
 from herald.metrics import DELIVERIES
 from topology.envelope import Envelope, Recipient
@@ -97,34 +99,47 @@ class EmailChannel:
             finally:
                 await self.store.finish_digest(token, provider)
 
-    async def dead_lettered(self, envelope: Envelope, reason: str) -> None:
-        """Record the DLQ reason on every recipient not yet emailed."""
-        await self.store.dead(envelope.id, CHANNEL, reason)
+    async def dead_lettered(self, envelope: Envelope, unit: str | None, reason: str) -> None:
+        """Record the DLQ reason on that recipient (None: every one not yet emailed)."""
+        await self.store.dead(envelope.id, CHANNEL, reason, recipient=unit,
+                              event_type=envelope.type)
 
-    async def deliver(self, envelope: Envelope) -> None:
-        """Send to every recipient not yet sent; raise the first failure after recording it."""
-        for recipient in envelope.recipients:
-            if not recipient.email:
-                log.warning("event %s: recipient %s has no email address; not emailed",
-                            envelope.id, recipient.user_id)
-                continue
-            key = (envelope.id, CHANNEL, recipient.user_id)
-            context = self._context(envelope, recipient)
+    async def units(self, envelope: Envelope) -> list[str]:
+        """One unit per recipient."""
+        return distinct_users(envelope)
 
-            def subject(context: dict[str, Any] = context) -> str:
-                return self.renderer.render(CHANNEL, envelope.type, "subject", context)
+    async def deliver(self, envelope: Envelope, unit: str) -> None:
+        """Email that one recipient unless settled before; raise after recording a failure."""
+        recipient = recipient_of(envelope, unit)
+        if recipient is None:
+            raise PermanentError(f"unit {unit!r} is not a recipient of this event")
+        key = (envelope.id, CHANNEL, recipient.user_id)
+        context = self._context(envelope, recipient)
 
-            if not await self.policy.admit(envelope, CHANNEL, recipient.user_id, subject,
-                                           address=str(recipient.email)):
-                continue
-            try:
-                message = self.compose(envelope, recipient)
-                provider = await self.providers.send(message)
-            except DeliveryFailure as exc:
-                DELIVERIES.labels(CHANNEL, "-", "failed").inc()
-                await self.store.failed(*key, exc.reason)
-                raise
-            await self.store.sent(*key, provider)
-            DELIVERIES.labels(CHANNEL, provider, "sent").inc()
-            log.info("event %s (%s) emailed to %s via %s", envelope.id, envelope.type,
-                     recipient.email, provider)
+        def subject(context: dict[str, Any] = context) -> str:
+            return self.renderer.render(CHANNEL, envelope.type, "subject", context)
+
+        address = str(recipient.email) if recipient.email else None
+        if not await self.policy.admit(envelope, CHANNEL, recipient.user_id, subject,
+                                       address=address):
+            return
+        if address is None:
+            reason = "not emailed: the event gave no email address for this recipient"
+            await self.store.settle(*key, "suppressed", reason)
+            DELIVERIES.labels(CHANNEL, "-", "suppressed").inc()
+            log.info("event %s: recipient %s has no email address; not emailed",
+                     envelope.id, recipient.user_id)
+            return
+        try:
+            message = self.compose(envelope, recipient)
+            handover = asyncio.Event()
+            async with self.store.released_if_cancelled(key, handover):
+                provider = await self.providers.send(message, handover)
+        except DeliveryFailure as exc:
+            DELIVERIES.labels(CHANNEL, "-", "failed").inc()
+            await self.store.failed(*key, exc.reason)
+            raise
+        await self.store.sent(*key, provider)
+        DELIVERIES.labels(CHANNEL, provider, "sent").inc()
+        log.info("event %s (%s) emailed to %s via %s", envelope.id, envelope.type,
+                 recipient.user_id, provider)

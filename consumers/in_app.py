@@ -27,7 +27,9 @@ from consumers.deliveries import DeliveryStore
 from consumers.policy import Policy
 from consumers.preferences import PreferenceStore
 from consumers.templates import Renderer
-from herald.errors import DeliveryFailure, TransientError
+from consumers.units import distinct_users, recipient_of
+from herald.db import is_outage
+from herald.errors import DatabaseUnavailable, DeliveryFailure, PermanentError, TransientError
 from herald.metrics import DELIVERIES
 from herald.models import Notification, as_utc, utcnow
 from topology.envelope import Envelope, Recipient
@@ -72,25 +74,36 @@ class InAppChannel:
     async def tick(self) -> None:
         """No periodic work: in-app notifications are not digested."""
 
-    async def dead_lettered(self, envelope: Envelope, reason: str) -> None:
-        """Record the DLQ reason on every recipient not yet notified."""
-        await self.store.dead(envelope.id, CHANNEL, reason)
+    async def dead_lettered(self, envelope: Envelope, unit: str | None, reason: str) -> None:
+        """Record the DLQ reason on that recipient (None: every one not yet notified)."""
+        await self.store.dead(envelope.id, CHANNEL, reason, recipient=unit,
+                              event_type=envelope.type)
 
-    async def deliver(self, envelope: Envelope) -> None:
-        """Notify every recipient not yet notified; raise the first failure after recording it.
+    async def units(self, envelope: Envelope) -> list[str]:
+        """One unit per recipient."""
+        return distinct_users(envelope)
+
+    async def deliver(self, envelope: Envelope, unit: str) -> None:
+        """Notify that recipient unless notified before; raise after recording a failure.
 
         Idempotent: a settled delivery is skipped, and the unique
         (event_id, user_id) on ``notifications`` keeps a redelivery that
-        raced past the claim from inserting a second row. Database errors
-        raise ``TransientError``; a missing or broken template ``PermanentError``.
+        raced past the claim from inserting a second row. A database that is
+        unreachable raises ``DatabaseUnavailable`` (the worker pauses, no retry
+        is spent); other database errors ``TransientError``; a missing or
+        broken template ``PermanentError``.
         """
-        for recipient in envelope.recipients:
-            try:
-                await self._notify(envelope, recipient)
-            except DeliveryFailure:
-                raise
-            except (SQLAlchemyError, OSError) as exc:
-                raise TransientError(f"database: {type(exc).__name__}: {exc}"[:500]) from None
+        recipient = recipient_of(envelope, unit)
+        if recipient is None:
+            raise PermanentError(f"unit {unit!r} is not a recipient of this event")
+        try:
+            await self._notify(envelope, recipient)
+        except DeliveryFailure:
+            raise
+        except (SQLAlchemyError, OSError) as exc:
+            if is_outage(exc):
+                raise DatabaseUnavailable(f"database: {type(exc).__name__}") from exc
+            raise TransientError(f"database: {type(exc).__name__}: {exc}"[:500]) from None
 
     async def _notify(self, envelope: Envelope, recipient: Recipient) -> None:
         key = (envelope.id, CHANNEL, recipient.user_id)
@@ -114,6 +127,8 @@ class InAppChannel:
             await self.store.failed(*key, exc.reason)
             raise
         except (SQLAlchemyError, OSError) as exc:
+            if is_outage(exc):
+                raise DatabaseUnavailable(f"database: {type(exc).__name__}") from exc
             DELIVERIES.labels(CHANNEL, "-", "failed").inc()
             reason = f"database: {type(exc).__name__}: {exc}"[:500]
             with suppress(SQLAlchemyError, OSError):  # else the lease runs out; a retry takes it

@@ -43,19 +43,14 @@ class Policy:
         self.digests = digests
 
     async def check(self, envelope: Envelope, channel: str, recipient: str) -> Verdict | None:
-        """None to send now; otherwise what to record instead."""
-        if envelope.cancel_key and await is_cancelled(self.store.sessions, envelope.cancel_key):
-            return Verdict("cancelled", f"cancelled: POST /events/cancel {envelope.cancel_key!r}")
-        if envelope.critical or self.limit is None:
-            return None
-        sent = await self.over_limit(channel, recipient)
-        if sent is None:
-            return None
-        reason = (f"throttled: {sent} {channel} notifications in the last "
-                  f"{format_duration(self.limit.period)} (HERALD_RECIPIENT_LIMIT={self.limit})")
-        if envelope.digest and self.digests:
-            return Verdict("held", reason + "; held for the next digest")
-        return Verdict("suppressed", reason)
+        """None to send now; otherwise what to record instead (the rules without a claim)."""
+        cancelled = bool(envelope.cancel_key) and await is_cancelled(
+            self.store.sessions, envelope.cancel_key or "")
+        recent = 0
+        if not cancelled and not envelope.critical and self.limit is not None:
+            since = datetime.now(UTC) - timedelta(seconds=self.limit.period)
+            recent = await self.store.sent_since(channel, recipient, since)
+        return self._verdict(envelope, channel, cancelled, recent)
 
     async def admit(self, envelope: Envelope, channel: str, recipient: str,
                     summary: Callable[[], str] | None = None,
@@ -65,15 +60,20 @@ class Policy:
         False when it was settled before (a redelivery or replay), or when a
         rule said no: then the outcome and its reason are recorded here.
         ``summary`` (the subject line) is only computed for a delivery held
-        for a digest.
+        for a digest. The claim, the cancellation and the throttle count are
+        one database round trip (:meth:`DeliveryStore.claim_and_check`).
         """
-        claim = await self.store.claim(envelope.id, envelope.type, channel, recipient)
-        if claim is not Claim.GO:
+        throttled = not envelope.critical and self.limit is not None
+        since = (datetime.now(UTC) - timedelta(seconds=self.limit.period)
+                 if throttled and self.limit is not None else None)
+        found = await self.store.claim_and_check(envelope.id, envelope.type, channel, recipient,
+                                                 envelope.cancel_key, since)
+        if found.claim is not Claim.GO:
             log.info("event %s to %s on %s already settled (%s); skipped", envelope.id,
-                     recipient, channel, claim.value)
+                     recipient, channel, found.claim.value)
             DELIVERIES.labels(channel, "-", "duplicate").inc()
             return False
-        verdict = await self.check(envelope, channel, recipient)
+        verdict = self._verdict(envelope, channel, found.cancelled, found.recent)
         if verdict is None:
             return True
         held = verdict.status == "held" and summary is not None
@@ -84,6 +84,18 @@ class Policy:
         log.info("event %s not sent on %s to %s: %s", envelope.id, channel, recipient,
                  verdict.reason)
         return False
+
+    def _verdict(self, envelope: Envelope, channel: str, cancelled: bool,
+                 recent: int) -> Verdict | None:
+        if cancelled:
+            return Verdict("cancelled", f"cancelled: POST /events/cancel {envelope.cancel_key!r}")
+        if envelope.critical or self.limit is None or recent < self.limit.limit:
+            return None
+        reason = (f"throttled: {recent} {channel} notifications in the last "
+                  f"{format_duration(self.limit.period)} (HERALD_RECIPIENT_LIMIT={self.limit})")
+        if envelope.digest and self.digests:
+            return Verdict("held", reason + "; held for the next digest")
+        return Verdict("suppressed", reason)
 
     async def over_limit(self, channel: str, recipient: str) -> int | None:
         """The count in the current window when it has reached the limit, else None."""

@@ -14,6 +14,7 @@ was active elsewhere since is not pushed either.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +29,8 @@ from consumers.preferences import DeviceInfo, PreferenceStore
 from consumers.providers.base import PushMessage
 from consumers.providers.chain import ProviderChain
 from consumers.templates import Renderer
-from herald.errors import DeadToken, Deferred, DeliveryFailure
+from consumers.units import distinct_users, recipient_of
+from herald.errors import DeadToken, Deferred, DeliveryFailure, PermanentError
 from herald.metrics import DELIVERIES
 from herald.models import Notification, utcnow
 from topology.envelope import Envelope, Recipient
@@ -69,29 +71,43 @@ class PushChannel:
     async def tick(self) -> None:
         """No periodic work."""
 
-    async def dead_lettered(self, envelope: Envelope, reason: str) -> None:
-        """Record the DLQ reason on every device not yet pushed."""
-        await self.store.dead(envelope.id, CHANNEL, reason)
+    async def dead_lettered(self, envelope: Envelope, unit: str | None, reason: str) -> None:
+        """Record the DLQ reason on that device (None: every one not yet pushed)."""
+        await self.store.dead(envelope.id, CHANNEL, reason, recipient=unit,
+                              event_type=envelope.type)
 
-    async def deliver(self, envelope: Envelope) -> None:
-        """Push to every device not yet settled; raise the first failure after recording it.
+    async def units(self, envelope: Envelope) -> list[str]:
+        """One unit per device of each recipient (read fresh); a recipient without
+        devices is one unit too (its "no" is recorded)."""
+        units: list[str] = []
+        for user_id in distinct_users(envelope):
+            devices = await self.prefs.devices(user_id)
+            units.extend([delivery_key(user_id, d.id) for d in devices] or [user_id])
+        return units
 
-        Raises ``Deferred`` (after everything else is done) when some mobile
-        device must wait for the push threshold.
+    async def deliver(self, envelope: Envelope, unit: str) -> None:
+        """Decide and push to that one device; raise after recording a failure.
+
+        Raises ``Deferred`` when a mobile device must wait for the push
+        threshold (the delivery is recorded as ``waiting``).
         """
-        waits: list[float] = []
-        for recipient in envelope.recipients:
-            devices = await self.prefs.devices(recipient.user_id)
-            if not devices:
-                await self._no_devices(envelope, recipient)
-                continue
-            for device in devices:
-                wait = await self._push(envelope, recipient, device)
-                if wait is not None:
-                    waits.append(wait)
-        if waits:
-            raise Deferred(f"{len(waits)} mobile push(es) wait for the push timing threshold",
-                           retry_after=max(min(waits), 0.05))
+        recipient = recipient_of(envelope, unit)
+        if recipient is None:
+            raise PermanentError(f"unit {unit!r} is not a recipient of this event")
+        user_id, _, device_id = unit.partition("/")
+        if not device_id:
+            await self._no_devices(envelope, recipient)
+            return
+        device = next((d for d in await self.prefs.devices(user_id) if d.id == device_id), None)
+        if device is None:
+            if await self.policy.admit(envelope, CHANNEL, unit):
+                await self._skip((envelope.id, CHANNEL, unit), Outcome(
+                    False, "not pushed: the device was removed before the push", ()))
+            return
+        wait = await self._push(envelope, recipient, device)
+        if wait is not None:
+            raise Deferred("the mobile push waits for the push timing threshold",
+                           retry_after=max(wait, 0.05))
 
     async def _no_devices(self, envelope: Envelope, recipient: Recipient) -> None:
         if await self.policy.admit(envelope, CHANNEL, recipient.user_id):
@@ -132,8 +148,10 @@ class PushChannel:
             await self._skip(key, Outcome(
                 False, f"not pushed: unknown platform {device.platform!r}", outcome.trail))
             return None
+        handover = asyncio.Event()
         try:
-            provider = await chain.send(message)
+            async with self.store.released_if_cancelled(key, handover):
+                provider = await chain.send(message, handover)
         except DeadToken as exc:
             await self.prefs.forget_device(device.id, user_id)
             log.info("device %s of %s removed: %s", device.id, user_id, exc.reason)

@@ -23,21 +23,32 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from consumers.dbgate import DatabaseGate
 from consumers.retry import DeadLetter, plan
-from herald.errors import ChannelDown, DeliveryFailure, PermanentError, TransientError
+from consumers.units import unit_copy
+from herald.amqp import connect
+from herald.errors import (
+    ChannelDown,
+    DeliveryFailure,
+    PermanentError,
+    TransientError,
+)
 from herald.metrics import INFLIGHT, MESSAGES, PAUSED, QUEUE_DEPTH
 from herald.settings import Settings
 from topology.declare import declare
-from topology.envelope import Envelope
+from topology.envelope import CONTENT_TYPE, Envelope
 from topology.messages import build_message
 from topology.spec import (
     H_ATTEMPT,
     H_ATTEMPTS_TOTAL,
+    H_DELIVERIES,
     H_FIRST_FAILURE,
     H_LAST_ERROR,
     H_REASON,
     H_ROUTING_KEY,
+    H_UNIT,
     Names,
     build,
 )
@@ -50,11 +61,17 @@ class ChannelHandler(Protocol):
 
     name: str
 
-    async def deliver(self, envelope: Envelope) -> None:
-        """Deliver to every recipient, or raise."""
+    async def units(self, envelope: Envelope) -> list[str]:
+        """The units of work ``envelope`` names on this channel, each once: the recipients'
+        user ids (push: ``<user_id>/<device_id>``, or the bare user id of someone without
+        devices, whose "no" is recorded by :meth:`deliver`)."""
 
-    async def dead_lettered(self, envelope: Envelope, reason: str) -> None:
-        """Record that the envelope went to the DLQ (the "why was I not notified")."""
+    async def deliver(self, envelope: Envelope, unit: str) -> None:
+        """Deliver to that one unit (idempotently), or raise."""
+
+    async def dead_lettered(self, envelope: Envelope, unit: str | None, reason: str) -> None:
+        """Record that the unit (None: every unsettled unit of the envelope) went to the DLQ
+        (the "why was I not notified")."""
 
     async def unavailable_for(self) -> float:
         """Seconds until the channel can deliver again (0: now); the worker pauses meanwhile."""
@@ -73,21 +90,35 @@ def _int_header(headers: dict[str, Any], name: str) -> int:
         return 0
 
 
-class Worker:
-    """Consumes ``<prefix>.<channel>`` with bounded concurrency until :meth:`stop`."""
+class _Outage(Exception):
+    """The database is unreachable: wait for it, then handle the same message again."""
 
-    def __init__(self, settings: Settings, handler: ChannelHandler) -> None:
+
+class Worker:
+    """Consumes ``<prefix>.<channel>`` with bounded concurrency until :meth:`stop`.
+
+    ``engine`` (the channel's database) lets the worker tell a database
+    outage from a failed delivery: while the database is unreachable it stops
+    consuming, holds the messages in hand unacked, spends no retries, and
+    handles them again once a probe answers.
+    """
+
+    def __init__(self, settings: Settings, handler: ChannelHandler,
+                 engine: AsyncEngine | None = None) -> None:
         self.settings = settings
         self.handler = handler
+        self.engine = engine
         self.names = Names(settings.prefix)
         self._stop = asyncio.Event()
         self._down = asyncio.Event()  # set when a message found every provider down
         self._recovered = asyncio.Event()  # set when a probe after a pause went through
+        self._db = DatabaseGate(engine, handler.name, self._stop)
         self._probing = False
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._retry: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
+        self._default: AbstractExchange | None = None
         self.ready = asyncio.Event()
         #: Long-running side jobs (cache invalidation listeners) started with the consumer
         #: and cancelled when it stops.
@@ -99,9 +130,16 @@ class Worker:
         self._stop.set()
 
     async def run(self) -> None:
-        """Connect, declare, consume until stopped, then drain within ``shutdown_timeout``."""
-        connection: AbstractRobustConnection = await aio_pika.connect_robust(
-            self.settings.amqp_url)
+        """Connect (waiting for the broker), declare, consume until stopped, then drain
+        within ``shutdown_timeout``."""
+        try:
+            connection: AbstractRobustConnection = await connect(
+                self.settings.amqp_url, name=f"herald worker {self.handler.name}",
+                stop=self._stop)
+        except asyncio.CancelledError:
+            if self._stop.is_set():  # stopped while waiting for the broker
+                return
+            raise
         try:
             await declare(connection, build(self.settings))
             channel: AbstractChannel = await connection.channel(
@@ -109,6 +147,7 @@ class Worker:
             await channel.set_qos(prefetch_count=self.settings.prefetch)
             self._retry = await channel.get_exchange(self.names.retry)
             self._dlx = await channel.get_exchange(self.names.dlx)
+            self._default = channel.default_exchange
             queue: AbstractQueue = await channel.get_queue(self.names.work(self.handler.name))
             tag: str | None = await queue.consume(self._on_message)
             sampler = asyncio.create_task(self._sample_depths(connection))
@@ -118,7 +157,21 @@ class Worker:
             log.info("consuming %s (prefetch %d, concurrency %d)", queue.name,
                      self.settings.prefetch, self.settings.concurrency)
             while not self._stop.is_set():
-                await _first(self._stop.wait(), self._down.wait(), self._recovered.wait())
+                await _first(self._stop.wait(), self._down.wait(), self._recovered.wait(),
+                             self._db.went_down.wait())
+                if self._db.went_down.is_set() and not self._stop.is_set():
+                    # The database is gone: take no more messages until it answers.
+                    if tag is not None:
+                        with suppress(Exception):
+                            await queue.cancel(tag)
+                        tag = None
+                    PAUSED.labels(self.handler.name).set(1)
+                    await _first(self._stop.wait(), self._db.ok.wait())
+                    PAUSED.labels(self.handler.name).set(0)
+                    self._db.went_down.clear()
+                    if not self._stop.is_set():
+                        tag = await queue.consume(self._on_message)
+                    continue
                 if self._recovered.is_set() and not self._stop.is_set() and tag is not None:
                     # The probe went through: back to the full prefetch (a qos
                     # change applies to consumers started after it).
@@ -153,6 +206,7 @@ class Worker:
             sampler.cancel()
             for task in side:
                 task.cancel()
+            self._db.close()
             if tag is not None:
                 with suppress(Exception):
                     await queue.cancel(tag)
@@ -160,10 +214,12 @@ class Worker:
             # A digest being sent finishes (it returns on stop); cancel only past the bound.
             with suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(ticker, self.settings.shutdown_timeout)
+            await asyncio.gather(sampler, *side, return_exceptions=True)
         finally:
             with suppress(Exception):
                 await self.handler.aclose()
-            await connection.close()
+            with suppress(Exception):
+                await connection.close()
 
     async def _tick(self) -> None:
         while True:
@@ -171,9 +227,13 @@ class Worker:
                 await asyncio.wait_for(self._stop.wait(), self.settings.digest_interval)
             if self._stop.is_set():
                 return
+            if not self._db.ok.is_set():
+                continue  # nothing to digest from a database that does not answer
             try:
                 await self.handler.tick()
-            except Exception:
+            except Exception as exc:
+                if await self._db.suspect(exc):
+                    continue
                 log.exception("periodic work of %s failed", self.handler.name)
 
     async def _sample_depths(self, connection: AbstractRobustConnection) -> None:
@@ -209,42 +269,137 @@ class Worker:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
+    # --- one message ------------------------------------------------------------------
+
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         channel = self.handler.name
         async with self._slots:
             INFLIGHT.labels(channel).inc()
-            envelope: Envelope | None = None
             try:
-                try:
-                    envelope = Envelope.from_json(message.body)
-                except (ValidationError, ValueError) as exc:
-                    raise PermanentError(f"malformed message: {_short(exc)}") from None
-                await self.handler.deliver(envelope)
+                while True:
+                    try:
+                        await self._process(message)
+                        return
+                    except _Outage:
+                        # Held unacked (no retry spent, no delivery counted) until the
+                        # database answers; then the same message is handled again.
+                        await _first(self._stop.wait(), self._db.ok.wait())
+                        if self._stop.is_set() and not self._db.ok.is_set():
+                            await self._nack(message)
+                            return
             except asyncio.CancelledError:
-                with suppress(Exception):
-                    await message.nack(requeue=True)
+                await self._nack(message)
                 raise
-            except DeliveryFailure as exc:
-                await self._settle_failure(message, envelope, exc)
-            except Exception as exc:
-                log.exception("unexpected error on message %s", message.message_id)
-                await self._settle_failure(message, envelope,
-                                           TransientError(f"unexpected: {exc!r}"))
-            else:
-                await message.ack()
-                self._count("delivered")
-                if self._probing:
-                    self._probing = False
-                    self._recovered.set()
+            except Exception:
+                # Nothing may escape a message's task ("Task exception was never
+                # retrieved"); unacked, the broker redelivers it.
+                log.exception("could not handle message %s; leaving it to the broker",
+                              message.message_id)
+                await self._nack(message)
             finally:
                 INFLIGHT.labels(channel).dec()
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        """Handle one message: split it, or deliver its one unit; settle it either way."""
+        headers: dict[str, Any] = dict(message.headers or {})
+        # Deliveries that died without an outcome: earlier copies' (carried in our
+        # header through deferrals and retries) plus this copy's (the broker's count).
+        deaths = _int_header(headers, H_DELIVERIES) + _int_header(headers, "x-delivery-count")
+        envelope: Envelope | None = None
+        unit = _unit(headers)
+        try:
+            _check_content_type(message)
+            try:
+                envelope = Envelope.from_json(message.body)
+            except (ValidationError, ValueError) as exc:
+                raise PermanentError(f"malformed message: {_short(exc)}") from None
+            if deaths >= self.settings.delivery_limit:
+                await self._dead_letter(
+                    message, envelope, unit, headers,
+                    f"crash loop: delivered {deaths} times without an outcome (a worker "
+                    f"died or was stopped while handling it; HERALD_DELIVERY_LIMIT="
+                    f"{self.settings.delivery_limit})")
+                return
+            if unit is None:
+                units = await self.handler.units(envelope)
+                if len(units) != 1:
+                    await self._split(message, envelope, units, headers)
+                    return
+                unit = units[0]
+            await self.handler.deliver(envelope, unit)
+        except DeliveryFailure as exc:
+            await self._settle_failure(message, envelope, unit, exc, deaths)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if await self._db.suspect(exc):
+                raise _Outage from exc
+            log.exception("unexpected error on message %s", message.message_id)
+            await self._settle_failure(message, envelope, unit,
+                                       TransientError(f"unexpected: {exc!r}"), deaths)
+        else:
+            await self._ack(message)
+            self._count("delivered")
+            if self._probing:
+                self._probing = False
+                self._recovered.set()
+
+    async def _split(self, message: AbstractIncomingMessage, envelope: Envelope,
+                     units: list[str], headers: dict[str, Any]) -> None:
+        """Publish one message per unit to this channel's queue (confirmed), then ack."""
+        channel = self.handler.name
+        assert self._default is not None
+        work = self.names.work(channel)
+        event_type = message.type or envelope.type
+        await asyncio.gather(*(
+            self._default.publish(unit_copy(envelope, channel, unit, headers, event_type),
+                                  routing_key=work, mandatory=True, timeout=10)
+            for unit in units))
+        await self._ack(message)
+        self._count("split")
+        log.info("event %s split into %d %s messages", envelope.id, len(units), channel)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack()
+        except Exception as exc:
+            # The connection went (broker restart): the broker redelivers the message
+            # and the delivery claim makes the redelivery a no-op.
+            log.warning("could not ack message %s (%s); the broker will redeliver it",
+                        message.message_id, _reason(exc))
+
+    async def _nack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.nack(requeue=True)
+        except Exception as exc:
+            log.warning("could not return message %s (%s); the broker will redeliver it",
+                        message.message_id, _reason(exc))
 
     def _count(self, outcome: str) -> None:
         self.stats[outcome] = self.stats.get(outcome, 0) + 1
         MESSAGES.labels(self.handler.name, outcome).inc()
 
+    async def _dead_letter(self, message: AbstractIncomingMessage, envelope: Envelope | None,
+                           unit: str | None, headers: dict[str, Any], reason: str) -> None:
+        headers.setdefault(H_FIRST_FAILURE, datetime.now(UTC).isoformat())
+        headers.setdefault(H_ROUTING_KEY, message.routing_key or "")
+        headers[H_LAST_ERROR] = headers.get(H_LAST_ERROR) or reason[:1000]
+        headers[H_REASON] = reason[:1000]
+        assert self._dlx is not None
+        await self._dlx.publish(self._copy(message, headers), routing_key=self.handler.name,
+                                mandatory=True, timeout=10)
+        await self._ack(message)
+        self._count("dead_lettered")
+        log.warning("message %s dead-lettered: %s", message.message_id, reason)
+        if envelope is not None:
+            try:  # the DLQ entry is the record that counts
+                await self.handler.dead_lettered(envelope, unit, reason)
+            except Exception as exc:
+                log.warning("message %s: DLQ reason not recorded (%s)", message.message_id,
+                            _reason(exc))
+
     async def _settle_failure(self, message: AbstractIncomingMessage, envelope: Envelope | None,
-                              exc: DeliveryFailure) -> None:
+                              unit: str | None, exc: DeliveryFailure, deaths: int) -> None:
         headers: dict[str, Any] = dict(message.headers or {})
         retries = _int_header(headers, H_ATTEMPT)
         now = datetime.now(UTC)
@@ -252,40 +407,34 @@ class Worker:
         headers.setdefault(H_ROUTING_KEY, message.routing_key or "")
         headers[H_LAST_ERROR] = exc.reason[:1000]
         headers[H_ATTEMPTS_TOTAL] = _int_header(headers, H_ATTEMPTS_TOTAL) + 1
+        # The copy keeps counting the deliveries that died: a message that crashes
+        # its worker cannot start afresh by being deferred (lease) or retried.
+        headers[H_DELIVERIES] = deaths
         step = plan(self.settings, retries, exc, waited=_seconds_since(first, now))
         channel = self.handler.name
         try:
             if isinstance(step, DeadLetter):
-                headers[H_REASON] = step.reason[:1000]
-                assert self._dlx is not None
-                await self._dlx.publish(self._copy(message, headers), routing_key=channel,
-                                        mandatory=True, timeout=10)
-                self._count("dead_lettered")
-                log.warning("message %s dead-lettered: %s", message.message_id, step.reason)
-                if envelope is not None:
-                    with suppress(Exception):  # the DLQ entry is the record that counts
-                        await self.handler.dead_lettered(envelope, step.reason)
-            else:
-                headers[H_ATTEMPT] = step.retries
-                assert self._retry is not None
-                await self._retry.publish(
-                    self._copy(message, headers),
-                    routing_key=self.names.retry_key(channel, step.delay),
-                    mandatory=True, timeout=10)
-                if isinstance(exc, ChannelDown):
-                    self._down.set()
-                deferred = step.retries == retries
-                self._count("deferred" if deferred else "retried")
-                log.info("message %s: %s in %.3gs (%s)", message.message_id,
-                         "deferred" if deferred else f"retry {step.retries}", step.delay,
-                         exc.reason)
-            await message.ack()
-        except Exception:
+                await self._dead_letter(message, envelope, unit, headers, step.reason)
+                return
+            headers[H_ATTEMPT] = step.retries
+            assert self._retry is not None
+            await self._retry.publish(
+                self._copy(message, headers),
+                routing_key=self.names.retry_key(channel, step.delay),
+                mandatory=True, timeout=10)
+            if isinstance(exc, ChannelDown):
+                self._down.set()
+            deferred = step.retries == retries
+            self._count("deferred" if deferred else "retried")
+            log.info("message %s: %s in %.3gs (%s)", message.message_id,
+                     "deferred" if deferred else f"retry {step.retries}", step.delay,
+                     exc.reason)
+            await self._ack(message)
+        except Exception as err:
             # Not acked: the broker redelivers it (now or when we reconnect).
-            log.exception("could not settle message %s; leaving it to the broker",
-                          message.message_id)
-            with suppress(Exception):
-                await message.nack(requeue=True)
+            log.warning("could not settle message %s (%s); leaving it to the broker",
+                        message.message_id, _reason(err))
+            await self._nack(message)
 
     @staticmethod
     def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
@@ -293,6 +442,29 @@ class Worker:
         headers.pop("x-delivery-count", None)
         return build_message(message.body, message.message_id or "", message.type or "",
                              headers)
+
+
+def _unit(headers: dict[str, Any]) -> str | None:
+    value = headers.get(H_UNIT)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return value if isinstance(value, str) and value else None
+
+
+def _check_content_type(message: AbstractIncomingMessage) -> None:
+    """Only JSON (or no content type, as some AMQP clients send); raises PermanentError."""
+    kind = (message.content_type or "").split(";", 1)[0].strip().lower()
+    if kind not in ("", CONTENT_TYPE):
+        raise PermanentError(f"unsupported content type {kind!r}: herald reads "
+                             f"{CONTENT_TYPE} envelopes only")
+    encoding = (message.content_encoding or "").strip().lower()
+    if encoding not in ("", "utf-8", "utf8", "identity"):
+        raise PermanentError(f"unsupported content encoding {encoding!r}: herald reads "
+                             f"plain UTF-8 JSON")
+
+
+def _reason(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
 
 
 async def _first(*aws: Any) -> None:

@@ -9,6 +9,7 @@ sent as many billable parts; the segment count is recorded in the log.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -22,7 +23,8 @@ from consumers.providers.base import SmsMessage
 from consumers.providers.chain import ProviderChain
 from consumers.sms_text import fit, mask_number
 from consumers.templates import Renderer
-from herald.errors import DeliveryFailure
+from consumers.units import distinct_users, recipient_of
+from herald.errors import DeliveryFailure, PermanentError
 from herald.metrics import DELIVERIES
 from topology.envelope import Envelope, Recipient
 
@@ -71,14 +73,21 @@ class SmsChannel:
     async def tick(self) -> None:
         """No periodic work."""
 
-    async def dead_lettered(self, envelope: Envelope, reason: str) -> None:
-        """Record the DLQ reason on every recipient not yet texted."""
-        await self.store.dead(envelope.id, CHANNEL, reason)
+    async def dead_lettered(self, envelope: Envelope, unit: str | None, reason: str) -> None:
+        """Record the DLQ reason on that recipient (None: every one not yet texted)."""
+        await self.store.dead(envelope.id, CHANNEL, reason, recipient=unit,
+                              event_type=envelope.type)
 
-    async def deliver(self, envelope: Envelope) -> None:
-        """Text every recipient who wants it; raise the first failure after recording it."""
-        for recipient in envelope.recipients:
-            await self._text(envelope, recipient)
+    async def units(self, envelope: Envelope) -> list[str]:
+        """One unit per recipient."""
+        return distinct_users(envelope)
+
+    async def deliver(self, envelope: Envelope, unit: str) -> None:
+        """Text that recipient if they want it; raise after recording a failure."""
+        recipient = recipient_of(envelope, unit)
+        if recipient is None:
+            raise PermanentError(f"unit {unit!r} is not a recipient of this event")
+        await self._text(envelope, recipient)
 
     async def _why_not(self, envelope: Envelope, recipient: Recipient
                        ) -> tuple[str | None, str, list[dict[str, Any]]]:
@@ -119,8 +128,10 @@ class SmsChannel:
             text = self.renderer.render(CHANNEL, envelope.type, "body", context,
                                         locale=recipient.locale)
             body, segments = fit(text, self.max_segments)
-            provider = await self.providers.send(SmsMessage(
-                to=number, body=body, segments=segments, reference=envelope.id))
+            handover = asyncio.Event()
+            async with self.store.released_if_cancelled(key, handover):
+                provider = await self.providers.send(SmsMessage(
+                    to=number, body=body, segments=segments, reference=envelope.id), handover)
         except DeliveryFailure as exc:
             DELIVERIES.labels(CHANNEL, "-", "failed").inc()
             await self.store.failed(*key, exc.reason)

@@ -166,23 +166,32 @@ def dlq_list(
 def dlq_replay(
     channel: ChannelArg,
     ids: Annotated[list[str] | None, typer.Option("--id", help="message id (repeatable)")] = None,
+    events: Annotated[list[str] | None, typer.Option(
+        "--event", help="every entry of this event: the envelope and each recipient's or "
+                        "device's own entry (repeatable)")] = None,
     replay_all: Annotated[bool, typer.Option("--all", help="every dead letter")] = False,
 ) -> None:
     """Send dead letters back to the work queue with their retry count reset."""
-    from topology.dlq import replay
+    from topology.dlq import of_event, replay
     from topology.spec import Names
 
-    if bool(ids) == replay_all:
-        raise _fail("say which: --id ID (repeatable) or --all", 2)
+    if sum((bool(ids), bool(events), replay_all)) != 1:
+        raise _fail("say which: --id ID, --event EVENT_ID (both repeatable) or --all", 2)
     settings = _settings()
     wanted = set(ids) if ids else None
+    wanted_events = set(events) if events else None
 
     async def go(connection: AbstractRobustConnection) -> list[str]:
-        return await replay(connection, Names(settings.prefix), channel, wanted)
+        return await replay(connection, Names(settings.prefix), channel, wanted, wanted_events)
 
     done = _on_broker(settings, go)
     if wanted is not None and (missing := wanted - set(done)):
         out.print(f"replayed {len(done)}; not found in the DLQ: {', '.join(sorted(missing))}")
+        raise typer.Exit(1)
+    if wanted_events is not None and (missing := {
+            e for e in wanted_events if not any(of_event(d, e) for d in done)}):
+        out.print(f"replayed {len(done)}; no DLQ entry for event(s): "
+                  f"{', '.join(sorted(missing))}")
         raise typer.Exit(1)
     out.print(f"replayed {len(done)} message(s) to {settings.prefix}.{channel}")
 

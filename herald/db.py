@@ -132,3 +132,48 @@ async def transaction(factory: async_sessionmaker[AsyncSession]) -> AsyncIterato
     """A session whose work commits on success and rolls back on any exception."""
     async with factory() as session, session.begin():
         yield session
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means the database cannot be reached, not that a statement failed.
+
+    Connection refused or lost, the server shutting down, a pool that cannot
+    connect: the same statement may succeed once the database is back. A
+    constraint violation or a bad statement is not an outage. SQLite's
+    "database is locked" counts (it passes once the writer is done); a probe
+    (:func:`probe`) tells when the database answers again.
+    """
+    from sqlalchemy.exc import DBAPIError, InterfaceError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, (OperationalError, InterfaceError, PoolTimeout,
+                                ConnectionError, TimeoutError)):
+            return True
+        if isinstance(current, OSError) and not isinstance(current, FileNotFoundError):
+            return True
+        name = type(current).__name__
+        if name in _OUTAGE_NAMES:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+#: asyncpg's errors for a server that is going away or not accepting connections
+#: (matched by name: asyncpg is only imported when PostgreSQL is used).
+_OUTAGE_NAMES = frozenset({
+    "ConnectionDoesNotExistError", "CannotConnectNowError", "ConnectionFailureError",
+    "AdminShutdownError", "CrashShutdownError", "TooManyConnectionsError",
+    "InterfaceError", "InternalClientError", "ConnectionRejectionError",
+})
+
+
+async def probe(engine: AsyncEngine) -> None:
+    """Run ``SELECT 1``; raises when the database does not answer."""
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))

@@ -271,12 +271,14 @@ def invoke(*args: str, **env: str) -> Any:
 @pytest.mark.parametrize("args", [
     ["dlq", "replay", "email"],
     ["dlq", "replay", "email", "--all", "--id", "abc"],
+    ["dlq", "replay", "email", "--event", "e1", "--id", "abc"],
+    ["dlq", "replay", "email", "--event", "e1", "--all"],
 ])
-def test_replay_needs_exactly_one_of_id_or_all(args: list[str]) -> None:
+def test_replay_needs_exactly_one_of_id_event_or_all(args: list[str]) -> None:
     result = invoke(*args)
     assert result.exit_code == 2
     assert isinstance(result.exception, SystemExit)
-    assert "say which: --id ID (repeatable) or --all" in result.stderr
+    assert "say which: --id ID, --event EVENT_ID (both repeatable) or --all" in result.stderr
 
 
 @pytest.mark.parametrize("command", [

@@ -6,13 +6,14 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from herald.amqp import connect as amqp_connect
 from topology.messages import build_message
 from topology.spec import (
     H_ATTEMPT,
     H_ATTEMPTS_TOTAL,
+    H_DELIVERIES,
     H_FIRST_FAILURE,
     H_LAST_ERROR,
     H_REASON,
@@ -21,7 +22,8 @@ from topology.spec import (
 )
 
 #: Headers a replay drops, so the message starts a fresh retry ladder.
-_RESET = (H_ATTEMPT, H_ATTEMPTS_TOTAL, H_REASON, H_LAST_ERROR, "x-death", "x-delivery-count",
+_RESET = (H_ATTEMPT, H_ATTEMPTS_TOTAL, H_DELIVERIES, H_REASON, H_LAST_ERROR, "x-death",
+          "x-delivery-count",
           "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
           "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
 
@@ -108,12 +110,19 @@ async def browse(connection: AbstractRobustConnection, names: Names, channel: st
         await ch.close()
 
 
+def of_event(message_id: str, event_id: str) -> bool:
+    """True when a DLQ entry belongs to ``event_id``: the whole envelope (id = the event id)
+    or one of its units (``<event>:<channel>:<unit>``)."""
+    return message_id == event_id or message_id.startswith(f"{event_id}:")
+
+
 async def replay(connection: AbstractRobustConnection, names: Names, channel: str,
-                 ids: set[str] | None = None) -> list[str]:
-    """Move DLQ messages (all, or those whose id is in ``ids``) back to the work queue.
+                 ids: set[str] | None = None, events: set[str] | None = None) -> list[str]:
+    """Move DLQ messages back to the work queue: all of them, or those whose id is in
+    ``ids``, or every entry of the events in ``events`` (see :func:`of_event`).
 
     Each is published with a broker confirm before it is removed from the DLQ,
-    with its retry count reset. Returns the ids replayed.
+    with its retry and crash counts reset. Returns the ids replayed.
     """
     ch = await connection.channel(publisher_confirms=True, on_return_raises=True)
     replayed: list[str] = []
@@ -125,7 +134,10 @@ async def replay(connection: AbstractRobustConnection, names: Names, channel: st
             message = await dlq.get(no_ack=False, fail=False)
             if message is None:
                 break
-            if ids is not None and (message.message_id or "") not in ids:
+            mid = message.message_id or ""
+            wanted = ((ids is None and events is None) or (ids is not None and mid in ids)
+                      or (events is not None and any(of_event(mid, e) for e in events)))
+            if not wanted:
                 continue  # left unacked: back in the DLQ, in order, when we close
             headers = {k: v for k, v in (message.headers or {}).items() if k not in _RESET}
             headers["x-herald-replayed-at"] = datetime.now(UTC).isoformat()
@@ -152,5 +164,6 @@ async def purge(connection: AbstractRobustConnection, names: Names, channel: str
 
 
 async def connect(url: str) -> AbstractRobustConnection:
-    """A connection for the operator tools (raises on an unreachable broker)."""
-    return await aio_pika.connect_robust(url, timeout=10)
+    """A connection for the operator tools: each broker of ``url`` tried once, then the
+    last one's error raised (an operator command says so at once instead of waiting)."""
+    return await amqp_connect(url, name="herald cli", wait=False)

@@ -31,6 +31,13 @@ H_FIRST_FAILURE = "x-herald-first-failure"
 H_ROUTING_KEY = "x-herald-routing-key"
 H_REASON = "x-herald-reason"
 H_ATTEMPTS_TOTAL = "x-herald-attempts"
+#: Deliveries of this message (and of the copies it was deferred through) that ended
+#: without an outcome: the worker died or was stopped mid-way. Counted against
+#: ``HERALD_DELIVERY_LIMIT`` together with the broker's own ``x-delivery-count``.
+H_DELIVERIES = "x-herald-deliveries"
+#: The one unit a message is about: a recipient's user id (push: ``<user_id>/<device_id>``).
+#: Absent on envelopes as producers publish them; the worker splits those.
+H_UNIT = "x-herald-unit"
 
 
 @dataclass(frozen=True)
