@@ -11,16 +11,19 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
+from pydantic import AfterValidator
 from sqlalchemy import CursorResult
 from sqlmodel import col, func, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from herald.models import Notification, utcnow
+from herald.validation import one_line
 from herald.why import explain
 from producer import auth
 from producer.auth import CurrentUser
 from producer.deps import SessionsDep
 from producer.schemas import (
+    MAX_DB_INT,
     ChannelDecisionOut,
     EventWhy,
     MarkedRead,
@@ -32,7 +35,9 @@ from producer.schemas import (
 router = APIRouter(prefix="/me/notifications", tags=["inbox"], responses=auth.RESPONSES)
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such notification"}}
-NotificationId = Annotated[int, Path(ge=1, description="The notification's `id`.")]
+#: ``notifications.id`` is an INTEGER: past :data:`MAX_DB_INT` is 422, not a database error.
+NotificationId = Annotated[int, Path(ge=1, le=MAX_DB_INT,
+                                     description="The notification's `id`.")]
 
 
 def _item(row: Notification) -> NotificationItem:
@@ -62,7 +67,8 @@ async def list_notifications(
         description="true: only unread; false: only read; absent: both.")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     before: Annotated[int | None, Query(
-        ge=1, description="Only ids below this (the previous page's `next_before`).")] = None,
+        ge=1, le=MAX_DB_INT,
+        description="Only ids below this (the previous page's `next_before`).")] = None,
 ) -> NotificationPage:
     """The user's delivered notifications, newest first, a page at a time (keyset by id)."""
     mine = (col(Notification.user_id) == user.id, col(Notification.delivered).is_(True))
@@ -130,7 +136,8 @@ events_router = APIRouter(prefix="/me/events", tags=["inbox"], responses=auth.RE
 @events_router.get("/{event_id}/why", responses={
     404: {"description": "nothing recorded for this event and user (yet)"}})
 async def event_why(
-    event_id: Annotated[str, Path(max_length=36, description="`event_id` from POST /post etc.")],
+    event_id: Annotated[str, Path(max_length=36, description="`event_id` from POST /post etc."),
+                        AfterValidator(one_line)],
     user: CurrentUser, sessions: SessionsDep,
 ) -> EventWhy:
     """Every decision about this event for you: per channel, and for push per device.

@@ -16,6 +16,7 @@ from datetime import UTC, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Response, status
+from pydantic import AfterValidator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -28,6 +29,7 @@ from herald.models import (
     as_utc,
     utcnow,
 )
+from herald.validation import one_line
 from producer import auth, social
 from producer.auth import CurrentUser
 from producer.deps import LiveDep, SessionsDep, user_changed
@@ -51,7 +53,8 @@ router = APIRouter(prefix="/me", tags=["me"], responses=auth.RESPONSES)
 _HANDLE_TAKEN = "handle already taken"
 _CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": _HANDLE_TAKEN}}
 _DEVICE_404: dict[int | str, dict[str, Any]] = {404: {"description": "no such device of yours"}}
-DeviceId = Annotated[str, Path(max_length=36, description="The device's `id`.")]
+DeviceId = Annotated[str, Path(max_length=36, description="The device's `id`."),
+                     AfterValidator(one_line)]
 
 
 def public_user(user: User) -> UserPublic:

@@ -5,17 +5,33 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from herald.validation import MAX_EMAIL, email_address, storable_json
 from producer.social_schemas import Handle, Locale, Phone, TimeZone, strip_name
 from topology.envelope import Actor, CancelKey, EventType, Recipient
 from topology.spec import EVENT_TYPES
 
+#: The largest value of a PostgreSQL INTEGER (``herald.models``: ``Notification.id``,
+#: ``Delivery.id``...). A bigger id in a query is a 500 there (asyncpg cannot bind it),
+#: so every integer path and query parameter (ids, ``before``, ``after``...) is bounded
+#: by it: ``Path(ge=1, le=MAX_DB_INT)``, a 422 naming the parameter.
+MAX_DB_INT = 2_147_483_647
 
-def _normalise_email(value: str) -> str:
-    return value.strip().lower()
+
+def _account_email(value: str) -> str:
+    # Lowercased: one account per address whatever the case it is typed in.
+    return email_address(value).lower()
+
+
+#: An account's address: what the email worker can deliver to (:func:`email_address`:
+#: ASCII local part, the domain in ASCII form), lowercased.
+AccountEmail = Annotated[str, Field(max_length=320, examples=["ada@example.com"], description=(
+    f"At most {MAX_EMAIL} characters; ASCII before the @ (herald mails without SMTPUTF8); "
+    "an internationalised domain is stored in its ASCII (IDNA) form.")),
+    AfterValidator(_account_email)]
 
 
 class SignupIn(BaseModel):
@@ -30,7 +46,7 @@ class SignupIn(BaseModel):
         ]
     })
 
-    email: EmailStr
+    email: AccountEmail
     password: str = Field(min_length=8, max_length=1024)
     name: str = Field(min_length=1, max_length=200)
     handle: Handle | None = Field(
@@ -38,8 +54,6 @@ class SignupIn(BaseModel):
     phone: Phone | None = None
     locale: Locale = "en"
     timezone: TimeZone = "UTC"
-
-    _email = field_validator("email")(_normalise_email)
 
     _name = field_validator("name")(strip_name)
 
@@ -49,10 +63,8 @@ class LoginIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    email: EmailStr
+    email: AccountEmail
     password: str = Field(min_length=1, max_length=1024)
-
-    _email = field_validator("email")(_normalise_email)
 
 
 class UserPublic(BaseModel):
@@ -214,6 +226,8 @@ class EventIn(BaseModel):
     id: uuid.UUID | None = Field(
         default=None,
         description="Your id for the event; an id already accepted is answered 200, once.")
+
+    _storable = field_validator("data")(storable_json)
 
     @field_validator("data")
     @classmethod

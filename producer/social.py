@@ -12,9 +12,11 @@ that writes the row, so a post exists if and only if its event will be sent.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from pydantic import AfterValidator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import and_, col, delete, func, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -29,6 +31,7 @@ from herald.models import (
     User,
     as_utc,
 )
+from herald.validation import display_name, email_address, one_line
 from producer import auth, idempotency, mentions
 from producer.auth import CurrentUser
 from producer.deps import LiveDep, SessionsDep, user_changed
@@ -56,8 +59,11 @@ log = logging.getLogger("herald.api")
 
 router = APIRouter(tags=["social"], responses=auth.RESPONSES)
 
-ChannelId = Annotated[str, Path(max_length=36, description="The channel's `id`.")]
-RequestId = Annotated[str, Path(max_length=36, description="The friend request's `id`.")]
+# Ids are compared with text columns: a NUL in one is a PostgreSQL error (500), so 422.
+ChannelId = Annotated[str, Path(max_length=36, description="The channel's `id`."),
+                      AfterValidator(one_line)]
+RequestId = Annotated[str, Path(max_length=36, description="The friend request's `id`."),
+                      AfterValidator(one_line)]
 
 _Responses = dict[int | str, dict[str, Any]]
 #: ``responses=`` of a route on one channel that only its members may use.
@@ -68,10 +74,33 @@ _REQUEST_RESPONSES: _Responses = {404: {"description": "no such friend request t
                                   409: {"description": "the request is no longer pending"}}
 
 
+def _still_valid(check: Callable[[str], str], value: str | None) -> str | None:
+    """``check(value)``, or None for a value stored before the API checked it that fails now."""
+    if value is None:
+        return None
+    try:
+        return check(value)
+    except ValueError:
+        return None
+
+
 def recipient(user: User) -> Recipient:
-    """``user`` with the contact details the channels need."""
-    return Recipient(user_id=user.id, email=user.email, name=user.name, phone=user.phone,
+    """``user`` with the contact details the channels need.
+
+    A name or address stored before names and addresses were checked at the
+    door, which the workers could not use (a line break in a name, a non-ASCII
+    local part), is left out rather than failing the whole event: the email
+    goes without a display name, or not at all, instead of this request
+    answering 500.
+    """
+    return Recipient(user_id=user.id, email=_still_valid(email_address, user.email),
+                     name=_still_valid(display_name, user.name), phone=user.phone,
                      locale=user.locale)
+
+
+def actor(user: User) -> Actor:
+    """``user`` as the actor of an event (a name the workers cannot show is left out)."""
+    return Actor(id=user.id, name=_still_valid(display_name, user.name))
 
 
 def _ref(user: User) -> UserRef:
@@ -211,7 +240,8 @@ async def list_posts(
     channel_id: ChannelId, user: CurrentUser, sessions: SessionsDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 50,
     before: Annotated[str | None, Query(
-        max_length=36, description="Only posts older than this post id (`next_before`).")] = None,
+        max_length=36, description="Only posts older than this post id (`next_before`)."),
+        AfterValidator(one_line)] = None,
 ) -> PostPage:
     """A channel's posts and replies, newest first, a page at a time (keyset)."""
     async with sessions() as session:
@@ -245,7 +275,7 @@ def _post_event(author: User, channel: Channel, post: Post, others: list[User]) 
     mentioned = list(dict.fromkeys(by_handle[h] for h in parsed.handles if h in by_handle))
     return Envelope(
         type="user.post",
-        actor=Actor(id=author.id, name=author.name),
+        actor=actor(author),
         recipients=[recipient(u) for u in others],
         data={"post_id": post.id, "channel_id": channel.id, "channel_name": channel.name,
               "is_dm": channel.is_dm, "text": post.text, "thread_id": post.thread_id,
@@ -341,7 +371,7 @@ async def send_friend_request(body: FriendRequestIn, user: CurrentUser, sessions
         request = FriendRequest(from_user_id=user.id, to_user_id=target.id)
         session.add(request)
         envelope = Envelope(
-            type="user.send_req", actor=Actor(id=user.id, name=user.name),
+            type="user.send_req", actor=actor(user),
             recipients=[recipient(target)],
             data={"request_id": request.id, "from_user_id": user.id, "from_name": user.name,
                   "from_handle": user.handle})
@@ -401,7 +431,8 @@ async def decline_friend_request(request_id: RequestId, user: CurrentUser,
 async def find_user(
     _user: CurrentUser, sessions: SessionsDep,
     handle: Annotated[str, Query(min_length=1, max_length=41,
-                                 description="A handle, with or without the leading @.")],
+                                 description="A handle, with or without the leading @."),
+                      AfterValidator(one_line)],
 ) -> UserRef:
     """Look a user up by handle (case-insensitive): their id, name and handle."""
     wanted = handle.strip().removeprefix("@").lower()

@@ -28,15 +28,18 @@ from pydantic import (
 )
 
 from herald.phones import normalise_phone
+from herald.validation import display_name, one_line, text
 from producer.mentions import HANDLE_PATTERN, SPECIAL, is_valid_handle
 
 
 def strip_name(value: str) -> str:
-    """A display name without surrounding spaces; raises ValueError when nothing is left."""
-    value = value.strip()
-    if not value:
-        raise ValueError("name must not be blank")
-    return value
+    """``value`` by :func:`herald.validation.display_name`: the one rule for user and channel
+    names, the one the email worker addresses messages by (stripped, one line, no ``<>``).
+
+    Raises:
+        ValueError: blank, too long, a control character, ``<`` or ``>``.
+    """
+    return display_name(value)
 
 
 #: H1: a user's global notification pref per device kind (``consumers.decide.GlobalPref``).
@@ -50,6 +53,15 @@ _LOCALE = re.compile(LOCALE_PATTERN)
 _HHMM = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
 MAX_HIGHLIGHT_WORDS = 50
 MAX_TOKEN = 4096
+
+
+def _one_line_or_none(value: str | None) -> str | None:
+    return None if value is None else one_line(value)
+
+
+#: A row id in a body (UUID text): bounded like the columns, one line (no NUL: PostgreSQL
+#: refuses it in a query, which would be a 500).
+RowId = Annotated[str, Field(min_length=1, max_length=36), AfterValidator(one_line)]
 
 
 def field_error(field: str, message: str, where: str = "body") -> RequestValidationError:
@@ -229,7 +241,7 @@ class PreferencesUpdate(BaseModel):
         words: list[str] = []
         seen: set[str] = set()
         for raw in value:
-            word = raw.strip()
+            word = one_line(raw.strip())
             if not 1 <= len(word) <= 50:
                 raise ValueError("each highlight word is 1-50 characters (after stripping)")
             if word.casefold() not in seen:
@@ -281,14 +293,16 @@ def _android_token(token: object) -> str:
     if not isinstance(token, str) or not token.strip():
         raise ValueError("an Android (FCM) registration token is a non-empty string")
     token = token.strip()
-    if len(token) > MAX_TOKEN or any(c.isspace() for c in token):
-        raise ValueError(f"an FCM token has no spaces and at most {MAX_TOKEN} characters")
+    if len(token) > MAX_TOKEN or any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError(f"an FCM token has no spaces or control characters and at most "
+                         f"{MAX_TOKEN} characters")
     return token
 
 
 def _web_endpoint(endpoint: object) -> str:
     if not isinstance(endpoint, str) or len(endpoint) > 2048:
         raise ValueError("the push subscription needs an endpoint URL")
+    one_line(endpoint)  # a NUL or line break in a URL we will POST to: refused
     url = urlsplit(endpoint)
     local = url.hostname in ("127.0.0.1", "localhost")
     if not url.hostname or not (url.scheme == "https" or (url.scheme == "http" and local)):
@@ -344,6 +358,8 @@ class DeviceIn(BaseModel):
         "JSON text."))
     name: str | None = Field(default=None, max_length=100, description="For the device list.")
 
+    _name = field_validator("name")(_one_line_or_none)
+
     @field_validator("token")
     @classmethod
     def _token(cls, value: str | dict[str, Any], info: ValidationInfo) -> str:
@@ -379,7 +395,7 @@ class ChannelIn(BaseModel):
          "is_dm": True}]})
 
     name: str = Field(min_length=1, max_length=80)
-    member_ids: list[Annotated[str, Field(max_length=36)]] = Field(
+    member_ids: list[Annotated[str, Field(max_length=36), AfterValidator(one_line)]] = Field(
         default_factory=list, max_length=1000, description="Other members' user ids.")
     is_dm: bool = Field(default=False, description="A direct message: exactly one other member.")
 
@@ -392,7 +408,7 @@ class MemberIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"user_id": "0b5d3c1e-8f0a-4e8e-9a57-3f1b2c4d5e6f"}]})
 
-    user_id: str = Field(min_length=1, max_length=36)
+    user_id: RowId
 
 
 class ChannelSummary(BaseModel):
@@ -425,13 +441,15 @@ class PostIn(BaseModel):
         {"channel_id": "3f2a9c4e-1b7d-4e0a-8c55-6d9e0f1a2b3c", "text": "yes!",
          "thread_id": "9d8c7b6a-5f4e-4d3c-2b1a-0f9e8d7c6b5a"}]})
 
-    channel_id: str = Field(min_length=1, max_length=36)
-    text: str = Field(min_length=1, max_length=4000)
-    thread_id: str | None = Field(default=None, min_length=1, max_length=36)
+    channel_id: RowId
+    text: str = Field(min_length=1, max_length=4000, description=(
+        "Line breaks (CR LF, CR: stored as LF) and tabs; no other control characters."))
+    thread_id: RowId | None = None
 
     @field_validator("text")
     @classmethod
     def _not_blank(cls, value: str) -> str:
+        value = text(value, multiline=True)
         if not value.strip():
             raise ValueError("text must not be blank")
         return value
@@ -477,7 +495,7 @@ class FriendRequestIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"to_user_id": "0b5d3c1e-8f0a-4e8e-9a57-3f1b2c4d5e6f"}]})
 
-    to_user_id: str = Field(min_length=1, max_length=36)
+    to_user_id: RowId
 
 
 class FriendRequestOut(BaseModel):

@@ -39,7 +39,7 @@ from producer import auth
 from producer.auth import CurrentUser
 from producer.deps import LiveDep, SessionsDep
 from producer.inbox import _item
-from producer.schemas import NotificationItem
+from producer.schemas import MAX_DB_INT, NotificationItem
 from topology.live import CLOSE_TIMEOUT, GAP, LiveUnavailable, Subscription, notification_key
 
 log = logging.getLogger("herald.api")
@@ -183,10 +183,10 @@ async def stream(
     sessions: SessionsDep,
     live: LiveDep,
     after: Annotated[int | None, Query(
-        ge=0, description="Replay delivered notifications with a greater id first "
+        ge=0, le=MAX_DB_INT, description="Replay delivered notifications with a greater id first "
                           "(for clients that cannot set `Last-Event-ID`).")] = None,
     last_event_id: Annotated[int | None, Header(
-        ge=0, description="The id of the last `notification` event received; takes "
+        ge=0, le=MAX_DB_INT, description="The id of the last `notification` event received; takes "
                           "precedence over `after`.")] = None,
 ) -> EventSourceResponse:
     """New inbox items of the signed-in user, live, as Server-Sent Events.

@@ -11,12 +11,12 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
-    EmailStr,
     Field,
     StringConstraints,
     field_validator,
 )
 
+from herald.validation import display_name, email_address, one_line, storable_json
 from topology.spec import EVENT_TYPES
 
 ENVELOPE_VERSION = 1
@@ -36,14 +36,25 @@ def _known_event_type(value: str) -> str:
 #: One of the routing keys herald knows (``topology.spec.ROUTES``).
 EventType = Annotated[str, AfterValidator(_known_event_type)]
 
+# The checks below are the ones the workers build messages by (herald.validation): an
+# envelope that parses can be addressed and stored, and the API answers 422 up front
+# instead of a worker dead-lettering the event later.
+
+#: A display name (:func:`herald.validation.display_name`): one line, no ``<>``, <= 200.
+Name = Annotated[str, AfterValidator(display_name)]
+#: An address plain SMTP can deliver to (:func:`herald.validation.email_address`).
+EmailAddress = Annotated[str, AfterValidator(email_address)]
+#: Text without control characters (ids, phone numbers, locales): storable and loggable.
+OneLine = Annotated[str, AfterValidator(one_line)]
+
 
 class Actor(BaseModel):
     """Who caused the event (a user id, or a service name for integrations)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str
-    name: str | None = None
+    id: OneLine
+    name: Name | None = None
 
 
 class Recipient(BaseModel):
@@ -52,11 +63,12 @@ class Recipient(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     #: At most 63 characters and no "/" (a push delivery is keyed "<user_id>/<device_id>").
-    user_id: str = Field(min_length=1, max_length=63, pattern=r"^[^/\s]+$")
-    email: EmailStr | None = None
-    name: str | None = None
-    phone: str | None = None
-    locale: str = "en"
+    user_id: OneLine = Field(min_length=1, max_length=63, pattern=r"^[^/\s]+$")
+    #: ASCII local part; the domain in its ASCII (IDNA) form.
+    email: EmailAddress | None = None
+    name: Name | None = None
+    phone: OneLine | None = None
+    locale: OneLine = "en"
 
 
 class Envelope(BaseModel):
@@ -77,6 +89,9 @@ class Envelope(BaseModel):
     #: When throttled, hold the notification for a digest rather than drop it.
     digest: bool = False
     version: int = ENVELOPE_VERSION
+
+    #: No NUL or unpaired surrogate anywhere (keys too): the database could not store it.
+    _storable = field_validator("data")(storable_json)
 
     @field_validator("version")
     @classmethod
