@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from herald.amqp import broker_urls
 from herald.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -165,9 +166,8 @@ _providers = _provider_list(EMAIL_PROVIDERS)
 
 
 def _amqp_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise ValueError("must look like amqp://user:pass@host:5672/vhost")
+    """One broker, or several for failover (``amqp://u:p@h1:5672,h2:5673/vhost``)."""
+    broker_urls(url)  # raises ValueError naming the bad host entry, never the password
     return url
 
 
@@ -200,6 +200,8 @@ class Settings(BaseSettings):
         arbitrary_types_allowed=True,
     )
 
+    #: Several brokers (a cluster's nodes) fail over in order from a random one:
+    #: ``amqp://user:pass@host1:5672,host2:5672,host3/vhost`` (see ``herald.amqp``).
     amqp_url: Annotated[str, AfterValidator(_amqp_url)] = "amqp://guest:guest@localhost:5672/"
     database_url: str = "sqlite:///var/herald.db"
     prefix: Annotated[str, AfterValidator(_prefix)] = "herald"
@@ -266,6 +268,14 @@ class Settings(BaseSettings):
     idempotency_ttl: Duration = 86400.0
     #: How long a bearer token from ``POST /login`` is accepted.
     token_ttl: Duration = 86400.0
+    #: argon2id parameters of new password hashes (default: OWASP's minimum). Old hashes
+    #: keep verifying (their parameters are in them) and are upgraded at login. The floor
+    #: is OWASP's smallest recommended memory (7 MiB, with t=5).
+    argon2_memory_kib: int = Field(default=19456, ge=7168, le=1_048_576)
+    argon2_time_cost: int = Field(default=2, ge=1, le=100)
+    argon2_parallelism: int = Field(default=1, ge=1, le=64)
+    #: The longest a signup or login waits for a hashing slot (one per CPU), then 503.
+    hash_wait: Duration = Field(default=2.0, gt=0, le=3600)
     prefetch: int = Field(default=10, ge=1, le=10_000)
     concurrency: int = Field(default=10, ge=1, le=10_000)
     shutdown_timeout: Duration = 10.0
