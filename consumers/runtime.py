@@ -115,6 +115,9 @@ class Worker:
         self._db = DatabaseGate(engine, handler.name, self._stop)
         self._probing = False
         self._slots = asyncio.Semaphore(settings.concurrency)
+        #: Retries back from the delay tiers get slots of their own (the room kept for
+        #: them): they never queue behind new work for a slot either.
+        self._due_slots = asyncio.Semaphore(max(1, settings.concurrency // 2))
         self._inflight: set[asyncio.Task[None]] = set()
         self._retry: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
@@ -148,46 +151,47 @@ class Worker:
             self._retry = await channel.get_exchange(self.names.retry)
             self._dlx = await channel.get_exchange(self.names.dlx)
             self._default = channel.default_exchange
-            queue: AbstractQueue = await channel.get_queue(self.names.work(self.handler.name))
-            tag: str | None = await queue.consume(self._on_message)
+            work: AbstractQueue = await channel.get_queue(self.names.work(self.handler.name))
+            due: AbstractQueue = await channel.get_queue(self.names.due(self.handler.name))
+            # Two consumers: new work, and retries back from the delay tiers. Each
+            # has its own prefetch (per consumer) and its own slots, so a retry due
+            # now is taken at once even with a backlog of new work queued.
+            consumers = _Consumers([(work, self._on_message), (due, self._on_due)])
+            await consumers.start()
             sampler = asyncio.create_task(self._sample_depths(connection))
             ticker = asyncio.create_task(self._tick())
             side = [asyncio.create_task(job()) for job in self.background]
             self.ready.set()
-            log.info("consuming %s (prefetch %d, concurrency %d)", queue.name,
+            log.info("consuming %s and %s (prefetch %d, concurrency %d)", work.name, due.name,
                      self.settings.prefetch, self.settings.concurrency)
             while not self._stop.is_set():
                 await _first(self._stop.wait(), self._down.wait(), self._recovered.wait(),
                              self._db.went_down.wait())
                 if self._db.went_down.is_set() and not self._stop.is_set():
                     # The database is gone: take no more messages until it answers.
-                    if tag is not None:
-                        with suppress(Exception):
-                            await queue.cancel(tag)
-                        tag = None
+                    await consumers.cancel()
                     PAUSED.labels(self.handler.name).set(1)
                     await _first(self._stop.wait(), self._db.ok.wait())
                     PAUSED.labels(self.handler.name).set(0)
                     self._db.went_down.clear()
                     if not self._stop.is_set():
-                        tag = await queue.consume(self._on_message)
+                        await consumers.start()
                     continue
-                if self._recovered.is_set() and not self._stop.is_set() and tag is not None:
+                if self._recovered.is_set() and not self._stop.is_set() and consumers.active:
                     # The probe went through: back to the full prefetch (a qos
                     # change applies to consumers started after it).
                     self._recovered.clear()
                     await channel.set_qos(prefetch_count=self.settings.prefetch)
-                    await queue.cancel(tag)
-                    tag = await queue.consume(self._on_message)
+                    await consumers.cancel()
+                    await consumers.start()
                     log.info("%s providers are back: full prefetch again", self.handler.name)
                 self._down.clear()
                 wait = 0.0 if self._stop.is_set() else await self.handler.unavailable_for()
-                if wait <= 0 or tag is None:
+                if wait <= 0 or not consumers.active:
                     continue
                 # Every provider is down: leave the messages in the queue rather
                 # than spin them through the retry tiers, until a probe may go.
-                await queue.cancel(tag)
-                tag = None
+                await consumers.cancel()
                 PAUSED.labels(self.handler.name).set(1)
                 self.stats["paused"] = self.stats.get("paused", 0) + 1
                 log.warning("every %s provider is down: consumption paused for %.1fs",
@@ -201,15 +205,13 @@ class Worker:
                     await channel.set_qos(prefetch_count=1)
                     self._probing = True
                     self._recovered.clear()
-                    tag = await queue.consume(self._on_message)
-                    log.info("resuming %s: the next message probes the providers", queue.name)
+                    await consumers.start()
+                    log.info("resuming %s: the next message probes the providers", work.name)
             sampler.cancel()
             for task in side:
                 task.cancel()
             self._db.close()
-            if tag is not None:
-                with suppress(Exception):
-                    await queue.cancel(tag)
+            await consumers.cancel()
             await self._drain()
             # A digest being sent finishes (it returns on stop); cancel only past the bound.
             with suppress(TimeoutError, asyncio.CancelledError):
@@ -265,15 +267,22 @@ class Worker:
             await asyncio.wait(pending, timeout=5)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._handle(message))
+        self._spawn(self._handle(message, self._slots))
+
+    async def _on_due(self, message: AbstractIncomingMessage) -> None:
+        self._spawn(self._handle(message, self._due_slots))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
     # --- one message ------------------------------------------------------------------
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: AbstractIncomingMessage,
+                      slots: asyncio.Semaphore) -> None:
         channel = self.handler.name
-        async with self._slots:
+        async with slots:
             INFLIGHT.labels(channel).inc()
             try:
                 while True:
@@ -442,6 +451,33 @@ class Worker:
         headers.pop("x-delivery-count", None)
         return build_message(message.body, message.message_id or "", message.type or "",
                              headers)
+
+
+class _Consumers:
+    """The worker's consumers (work queue, due queue), started and cancelled together."""
+
+    def __init__(self, queues: list[tuple[AbstractQueue, Callable[
+            [AbstractIncomingMessage], Coroutine[Any, Any, None]]]]) -> None:
+        self._queues = queues
+        self._tags: list[tuple[AbstractQueue, str]] = []
+
+    @property
+    def active(self) -> bool:
+        """True while consuming."""
+        return bool(self._tags)
+
+    async def start(self) -> None:
+        """Consume every queue (no-op when already consuming)."""
+        if not self._tags:
+            for queue, callback in self._queues:
+                self._tags.append((queue, await queue.consume(callback)))
+
+    async def cancel(self) -> None:
+        """Stop consuming; messages in hand stay ours (unacked) until settled."""
+        tags, self._tags = self._tags, []
+        for queue, tag in tags:
+            with suppress(Exception):
+                await queue.cancel(tag)
 
 
 def _unit(headers: dict[str, Any]) -> str | None:

@@ -110,6 +110,39 @@ def topology_declare() -> None:
     out.print(f"declared {count} queues under prefix {settings.prefix!r}")
 
 
+@topology_app.command("migrate")
+def topology_migrate(
+    wait: Annotated[float, typer.Option(
+        help="seconds to wait for old retry tiers to drain before deleting them")] = 0.0,
+) -> None:
+    """Bring a broker declared by an older herald to this topology, losing no message.
+
+    Declares what is new, then retires the old retry tiers (``<channel>.retry.<delay>``):
+    unbound at once, deleted once empty (their messages drain into the work queues).
+    """
+    from topology.declare import declare
+    from topology.migrate import LegacyTier, retire
+    from topology.spec import build
+
+    settings = _settings()
+
+    async def go(connection: AbstractRobustConnection) -> list[LegacyTier]:
+        await declare(connection, build(settings))
+        return await retire(connection, settings, wait=wait)
+
+    tiers = _on_broker(settings, go)
+    left = [t for t in tiers if not t.deleted]
+    for tier in tiers:
+        out.print(f"{tier.queue}: " + ("deleted" if tier.deleted else
+                                       f"unbound, {tier.messages} message(s) still draining"))
+    if left:
+        out.print(f"{len(left)} old tier(s) still drain into the work queues; run "
+                  f"`herald topology migrate --wait 600` later to delete them")
+        raise typer.Exit(1)
+    out.print(f"topology of {settings.prefix!r} is current"
+              + (f"; {len(tiers)} old tier(s) removed" if tiers else ""))
+
+
 @topology_app.command("export")
 def topology_export(
     vhost: Annotated[str, typer.Option(help="vhost written into the definitions")] = "/",

@@ -186,34 +186,37 @@ async def test_work_queues_are_quorum_with_delivery_limit_and_dead_lettering(
     # When we read the queues back from the broker
     found = await queues("/", cleanup.prefix)
 
-    # Then every work queue is quorum, bounded, dead-lettering at-least-once to its DLQ
+    # Then every work queue (and the due queue retries come back to) is quorum,
+    # bounded, dead-lettering at-least-once to its DLQ
     p = cleanup.prefix
     for channel in CHANNELS:
-        work = found[f"{p}.{channel}"]
-        assert work["type"] == "quorum"
-        assert work["arguments"]["x-delivery-limit"] == 5
-        assert work["arguments"]["x-dead-letter-strategy"] == "at-least-once"
-        # at-least-once dead-lettering is only honoured with reject-publish overflow
-        assert work["arguments"]["x-overflow"] == "reject-publish"
-        assert work["arguments"]["x-dead-letter-exchange"] == f"{p}.dlx"
-        assert work["arguments"]["x-dead-letter-routing-key"] == channel
+        for name in (f"{p}.{channel}", f"{p}.{channel}.due"):
+            work = found[name]
+            assert work["type"] == "quorum"
+            assert work["arguments"]["x-delivery-limit"] == 5
+            assert work["arguments"]["x-dead-letter-strategy"] == "at-least-once"
+            # at-least-once dead-lettering is only honoured with reject-publish overflow
+            assert work["arguments"]["x-overflow"] == "reject-publish"
+            assert work["arguments"]["x-dead-letter-exchange"] == f"{p}.dlx"
+            assert work["arguments"]["x-dead-letter-routing-key"] == channel
         assert found[f"{p}.{channel}.dlq"] == expected_queues(topo)[f"{p}.{channel}.dlq"]
-        # and each retry tier holds for one fixed TTL, then goes straight back to the
-        # channel's work queue through the default exchange
+        # and each delay tier (quorum: replicated) holds for one fixed TTL, then goes
+        # straight to the channel's due queue through the default exchange
         for label, ttl in (("100ms", 100), ("200ms", 200), ("400ms", 400)):
-            tier = found[f"{p}.{channel}.retry.{label}"]
-            assert tier["type"] == "classic"
+            tier = found[f"{p}.{channel}.delay.{label}"]
+            assert tier["type"] == "quorum"
             assert tier["arguments"] == {
-                "x-queue-type": "classic", "x-message-ttl": ttl,
-                "x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{p}.{channel}"}
-    assert len(found) == len(CHANNELS) * (2 + 3)
+                "x-queue-type": "quorum", "x-message-ttl": ttl,
+                "x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{p}.{channel}.due",
+                "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    assert len(found) == len(CHANNELS) * (3 + 3)
     routes = await bindings("/", p)
     for channel in CHANNELS:
         assert (f"{p}.dlx", f"{p}.{channel}.dlq", channel) in routes
-        assert (f"{p}.retry", f"{p}.{channel}.retry.100ms", f"{channel}.100ms") in routes
+        assert (f"{p}.retry", f"{p}.{channel}.delay.100ms", f"{channel}.delay.100ms") in routes
 
 
-async def test_retry_tier_returns_to_its_own_work_queue_only(
+async def test_retry_tier_returns_to_its_own_due_queue_only(
     connection: AbstractRobustConnection, cleanup: Settings
 ) -> None:
     # Given the topology and a user.login event (routed to email, in_app and sms)
@@ -228,9 +231,9 @@ async def test_retry_tier_returns_to_its_own_work_queue_only(
     await retry.publish(build_message(envelope.to_json(), envelope.id, envelope.type),
                         routing_key=topo.names.retry_key("email", 0.1), mandatory=True)
 
-    # Then after the TTL it is back in the email work queue, with the broker's
-    # record of where it waited …
-    email_q = await channel.get_queue(topo.names.work("email"))
+    # Then after the TTL it is in the email due queue (not behind new work in the
+    # work queue), with the broker's record of where it waited …
+    email_q = await channel.get_queue(topo.names.due("email"))
     message = await eventually(lambda: email_q.get(no_ack=True, fail=False), timeout=10)
     assert message.message_id == envelope.id
     death = message.headers["x-death"][0]
@@ -239,6 +242,8 @@ async def test_retry_tier_returns_to_its_own_work_queue_only(
     # … and it did not fan out again through the topic exchange
     for other in ("in_app", "sms", "push"):
         assert await message_count(connection, topo.names.work(other)) == 0, other
+        assert await message_count(connection, topo.names.due(other)) == 0, other
+    assert await message_count(connection, topo.names.work("email")) == 0
     await channel.close()
 
 
@@ -305,11 +310,12 @@ async def test_retry_tier_with_another_ttl_is_a_mismatch(
 ) -> None:
     # Given an email retry tier someone created by hand with a 999ms TTL
     p = cleanup.prefix
-    tier = f"{p}.email.retry.100ms"
+    tier = f"{p}.email.delay.100ms"
     channel = await connection.channel()
     await channel.declare_queue(tier, durable=True, arguments={
-        "x-queue-type": "classic", "x-message-ttl": 999, "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": f"{p}.email"})
+        "x-queue-type": "quorum", "x-message-ttl": 999, "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": f"{p}.email.due", "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish"})
     await channel.close()
 
     # When the topology (100ms tier) is declared
@@ -367,7 +373,8 @@ async def test_cli_declare_then_mismatch_prints_one_clear_error(
         # Given the topology declared through the CLI
         done = await run(herald_cmd("topology", "declare"), env, cwd=tmp_path)
         assert done.code == 0, done.stderr
-        assert f"declared {4 * 4} queues under prefix '{settings.prefix}'" in done.stdout
+        # per channel: work, due, DLQ and two delay tiers
+        assert f"declared {4 * 5} queues under prefix '{settings.prefix}'" in done.stdout
 
         # When it is declared again with another delivery limit
         env["HERALD_DELIVERY_LIMIT"] = "7"
@@ -466,5 +473,5 @@ async def test_export_to_stdout_is_a_definitions_document(
     document = json.loads(done.stdout)
     assert document == json.loads(json.dumps(definitions(build(settings), "/")))
     names = {q["name"] for q in document["queues"]}
-    assert f"{settings.prefix}.email.retry.30s" in names
+    assert f"{settings.prefix}.email.delay.30s" in names
     assert all(q["vhost"] == "/" and q["durable"] for q in document["queues"])

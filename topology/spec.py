@@ -97,11 +97,26 @@ class Names:
         return f"{self.prefix}.{channel}"
 
     def retry_queue(self, channel: str, delay: float) -> str:
-        """The channel's retry tier that holds messages for ``delay`` seconds."""
-        return f"{self.prefix}.{channel}.retry.{format_duration(delay)}"
+        """The channel's delay tier that holds messages for ``delay`` seconds, then hands
+        them to :meth:`due`."""
+        return f"{self.prefix}.{channel}.delay.{format_duration(delay)}"
 
     def retry_key(self, channel: str, delay: float) -> str:
         """Routing key on the retry exchange for that tier."""
+        return f"{channel}.delay.{format_duration(delay)}"
+
+    def due(self, channel: str) -> str:
+        """Where messages come back from the delay tiers: consumed beside the work queue
+        with room of its own, so a retry never waits behind new work."""
+        return f"{self.prefix}.{channel}.due"
+
+    def legacy_retry_queue(self, channel: str, delay: float) -> str:
+        """A tier of herald before the due queues (``<channel>.retry.<delay>``, classic,
+        back into the work queue); ``herald topology migrate`` retires them."""
+        return f"{self.prefix}.{channel}.retry.{format_duration(delay)}"
+
+    def legacy_retry_key(self, channel: str, delay: float) -> str:
+        """The routing key that fed a legacy tier."""
         return f"{channel}.{format_duration(delay)}"
 
     def dlq(self, channel: str) -> str:
@@ -138,15 +153,17 @@ def build(settings: Settings) -> Topology:
     for channel in CHANNELS:
         # Quorum work queue: a message that keeps killing its worker is
         # dead-lettered after delivery_limit deliveries instead of looping;
-        # at-least-once dead-lettering needs reject-publish overflow.
-        queues.append(QueueSpec(n.work(channel), {
-            "x-queue-type": "quorum",
-            "x-delivery-limit": settings.delivery_limit,
-            "x-dead-letter-exchange": n.dlx,
-            "x-dead-letter-routing-key": channel,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        }))
+        # at-least-once dead-lettering needs reject-publish overflow. The due
+        # queue, where retries come back, is the same kind of queue.
+        for name in (n.work(channel), n.due(channel)):
+            queues.append(QueueSpec(name, {
+                "x-queue-type": "quorum",
+                "x-delivery-limit": settings.delivery_limit,
+                "x-dead-letter-exchange": n.dlx,
+                "x-dead-letter-routing-key": channel,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            }))
         # Classic, not quorum: the DLQ tools browse by fetching and returning
         # messages, which a quorum queue counts against its delivery limit
         # (RabbitMQ 4 sets one by default) and would eventually drop.
@@ -156,15 +173,19 @@ def build(settings: Settings) -> Topology:
             if channel in targets:
                 bindings.append(BindingSpec(n.events, n.work(channel), key))
         for delay in settings.tier_delays():
-            # Classic queue with one fixed TTL: classic queues expire only at
-            # the head, so mixing TTLs in one queue would stall short ones.
-            # Expired messages go through the default exchange straight back
-            # to this channel's work queue, never through the topic exchange.
+            # One fixed TTL per queue: queues expire only at the head, so mixing
+            # TTLs in one queue would stall short ones. Quorum, so a retry waiting
+            # here survives the loss of a node; expired messages go (at least once)
+            # through the default exchange straight to this channel's due queue,
+            # never through the topic exchange (which would fan the event out to
+            # every channel again) and never behind new work in the work queue.
             queues.append(QueueSpec(n.retry_queue(channel, delay), {
-                "x-queue-type": "classic",
+                "x-queue-type": "quorum",
                 "x-message-ttl": round(delay * 1000),
                 "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": n.work(channel),
+                "x-dead-letter-routing-key": n.due(channel),
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
             }))
             bindings.append(BindingSpec(n.retry, n.retry_queue(channel, delay),
                                         n.retry_key(channel, delay)))
