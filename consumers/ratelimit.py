@@ -28,6 +28,9 @@ _MAX_SLEEP = 1.0  # re-check at least this often, so a pause or a freed slot is 
 class RateLimiter(Protocol):
     """Waits until the provider may take one more message."""
 
+    def per_second(self, provider: str) -> float | None:
+        """``provider``'s cap in messages per second (None: not capped here)."""
+
     async def acquire(self, provider: str) -> None:
         """Return once a slot is taken for ``provider`` (may wait)."""
 
@@ -53,6 +56,7 @@ class TokenBucketLimiter:
             )
             for name, rate in rates.items()
         }
+        self._rates = dict(rates)
         self._namespace = namespace
         self._paused_until: dict[str, float] = {}
         # The provider-wide pause after a 429 is shared the same way as the bucket.
@@ -71,6 +75,11 @@ class TokenBucketLimiter:
             ms = int(await self._redis.pttl(self._pause_key(provider)))
             return max(ms, 0) / 1000
         return self._paused_until.get(provider, 0.0) - time.monotonic()
+
+    def per_second(self, provider: str) -> float | None:
+        """``provider``'s cap in messages per second (None: not capped here)."""
+        rate = self._rates.get(provider)
+        return rate.limit / rate.period if rate is not None else None
 
     async def acquire(self, provider: str) -> None:
         """Take the next slot in ``provider``'s bucket; sleeps until it is due."""

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumers.dbgate import DatabaseGate
 from consumers.retry import DeadLetter, plan
+from consumers.slots import Slots
 from consumers.units import unit_copy
 from herald.amqp import connect
 from herald.errors import (
@@ -114,10 +115,12 @@ class Worker:
         self._recovered = asyncio.Event()  # set when a probe after a pause went through
         self._db = DatabaseGate(engine, handler.name, self._stop)
         self._probing = False
-        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._slots = Slots(settings.concurrency)
+        self._prefetch = settings.prefetch
+        self._resized = asyncio.Event()  # set when the slots outgrew the prefetch
         #: Retries back from the delay tiers get slots of their own (the room kept for
         #: them): they never queue behind new work for a slot either.
-        self._due_slots = asyncio.Semaphore(max(1, settings.concurrency // 2))
+        self._due_slots = Slots(max(1, settings.concurrency // 2))
         self._inflight: set[asyncio.Task[None]] = set()
         self._retry: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
@@ -147,7 +150,7 @@ class Worker:
             await declare(connection, build(self.settings))
             channel: AbstractChannel = await connection.channel(
                 publisher_confirms=True, on_return_raises=True)
-            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            await channel.set_qos(prefetch_count=self._prefetch)
             self._retry = await channel.get_exchange(self.names.retry)
             self._dlx = await channel.get_exchange(self.names.dlx)
             self._default = channel.default_exchange
@@ -159,6 +162,7 @@ class Worker:
             consumers = _Consumers([(work, self._on_message), (due, self._on_due)])
             await consumers.start()
             sampler = asyncio.create_task(self._sample_depths(connection))
+            sizer = asyncio.create_task(self._size_to_provider())
             ticker = asyncio.create_task(self._tick())
             side = [asyncio.create_task(job()) for job in self.background]
             self.ready.set()
@@ -166,7 +170,15 @@ class Worker:
                      self.settings.prefetch, self.settings.concurrency)
             while not self._stop.is_set():
                 await _first(self._stop.wait(), self._down.wait(), self._recovered.wait(),
-                             self._db.went_down.wait())
+                             self._db.went_down.wait(), self._resized.wait())
+                if self._resized.is_set():
+                    self._resized.clear()
+                    if consumers.active and not self._probing and not self._stop.is_set():
+                        # A qos change applies to consumers started after it.
+                        await channel.set_qos(prefetch_count=self._prefetch)
+                        await consumers.cancel()
+                        await consumers.start()
+                    continue
                 if self._db.went_down.is_set() and not self._stop.is_set():
                     # The database is gone: take no more messages until it answers.
                     await consumers.cancel()
@@ -181,7 +193,7 @@ class Worker:
                     # The probe went through: back to the full prefetch (a qos
                     # change applies to consumers started after it).
                     self._recovered.clear()
-                    await channel.set_qos(prefetch_count=self.settings.prefetch)
+                    await channel.set_qos(prefetch_count=self._prefetch)
                     await consumers.cancel()
                     await consumers.start()
                     log.info("%s providers are back: full prefetch again", self.handler.name)
@@ -208,6 +220,7 @@ class Worker:
                     await consumers.start()
                     log.info("resuming %s: the next message probes the providers", work.name)
             sampler.cancel()
+            sizer.cancel()
             for task in side:
                 task.cancel()
             self._db.close()
@@ -216,7 +229,7 @@ class Worker:
             # A digest being sent finishes (it returns on stop); cancel only past the bound.
             with suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(ticker, self.settings.shutdown_timeout)
-            await asyncio.gather(sampler, *side, return_exceptions=True)
+            await asyncio.gather(sampler, sizer, *side, return_exceptions=True)
         finally:
             with suppress(Exception):
                 await self.handler.aclose()
@@ -237,6 +250,26 @@ class Worker:
                 if await self._db.suspect(exc):
                     continue
                 log.exception("periodic work of %s failed", self.handler.name)
+
+    async def _size_to_provider(self) -> None:
+        """Every second, fit the slots (and the prefetch) to rate x latency."""
+        wanted = getattr(self.handler, "wanted_inflight", None)
+        if wanted is None:
+            return
+        floor, ceiling = self.settings.concurrency, max(self.settings.concurrency,
+                                                       self.settings.max_concurrency)
+        while not self._stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1.0)
+            size = int(wanted(floor, ceiling))
+            if size == self._slots.size:
+                continue
+            log.info("%s: %d messages in flight to keep the provider at its cap (was %d)",
+                     self.handler.name, size, self._slots.size)
+            await self._slots.resize(size)
+            if size > self._prefetch or self._prefetch > max(size, self.settings.prefetch):
+                self._prefetch = max(size, self.settings.prefetch)
+                self._resized.set()
 
     async def _sample_depths(self, connection: AbstractRobustConnection) -> None:
         """Keep ``herald_queue_messages`` current for this channel's work queue and DLQ.
@@ -279,8 +312,7 @@ class Worker:
 
     # --- one message ------------------------------------------------------------------
 
-    async def _handle(self, message: AbstractIncomingMessage,
-                      slots: asyncio.Semaphore) -> None:
+    async def _handle(self, message: AbstractIncomingMessage, slots: Slots) -> None:
         channel = self.handler.name
         async with slots:
             INFLIGHT.labels(channel).inc()

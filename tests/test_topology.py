@@ -200,15 +200,14 @@ async def test_work_queues_are_quorum_with_delivery_limit_and_dead_lettering(
             assert work["arguments"]["x-dead-letter-exchange"] == f"{p}.dlx"
             assert work["arguments"]["x-dead-letter-routing-key"] == channel
         assert found[f"{p}.{channel}.dlq"] == expected_queues(topo)[f"{p}.{channel}.dlq"]
-        # and each delay tier (quorum: replicated) holds for one fixed TTL, then goes
-        # straight to the channel's due queue through the default exchange
+        # and each delay tier holds for one fixed TTL, then goes straight to the
+        # channel's due queue through the default exchange
         for label, ttl in (("100ms", 100), ("200ms", 200), ("400ms", 400)):
             tier = found[f"{p}.{channel}.delay.{label}"]
-            assert tier["type"] == "quorum"
+            assert tier["type"] == "classic"
             assert tier["arguments"] == {
-                "x-queue-type": "quorum", "x-message-ttl": ttl,
-                "x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{p}.{channel}.due",
-                "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+                "x-queue-type": "classic", "x-message-ttl": ttl,
+                "x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{p}.{channel}.due"}
     assert len(found) == len(CHANNELS) * (3 + 3)
     routes = await bindings("/", p)
     for channel in CHANNELS:
@@ -313,9 +312,8 @@ async def test_retry_tier_with_another_ttl_is_a_mismatch(
     tier = f"{p}.email.delay.100ms"
     channel = await connection.channel()
     await channel.declare_queue(tier, durable=True, arguments={
-        "x-queue-type": "quorum", "x-message-ttl": 999, "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": f"{p}.email.due", "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish"})
+        "x-queue-type": "classic", "x-message-ttl": 999, "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": f"{p}.email.due"})
     await channel.close()
 
     # When the topology (100ms tier) is declared

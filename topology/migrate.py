@@ -2,7 +2,7 @@
 
 What changed: retries used to wait in classic tiers ``<prefix>.<channel>.retry.<delay>``
 that expired back into the work queue, behind all the new work there. They
-now wait in quorum tiers ``<prefix>.<channel>.delay.<delay>`` that expire into
+now wait in tiers ``<prefix>.<channel>.delay.<delay>`` that expire into
 ``<prefix>.<channel>.due``, which the workers consume beside the work queue.
 
 The new objects have new names, so ``declare`` creates them next to the old

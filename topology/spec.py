@@ -173,19 +173,19 @@ def build(settings: Settings) -> Topology:
             if channel in targets:
                 bindings.append(BindingSpec(n.events, n.work(channel), key))
         for delay in settings.tier_delays():
-            # One fixed TTL per queue: queues expire only at the head, so mixing
-            # TTLs in one queue would stall short ones. Quorum, so a retry waiting
-            # here survives the loss of a node; expired messages go (at least once)
-            # through the default exchange straight to this channel's due queue,
-            # never through the topic exchange (which would fan the event out to
-            # every channel again) and never behind new work in the work queue.
+            # Classic queue with one fixed TTL: classic queues expire only at the
+            # head, so mixing TTLs in one queue would stall short ones. Classic,
+            # not quorum: a quorum queue is a Raft cluster of its own, and with ten
+            # tiers per channel that is forty of them per environment (the test
+            # suite's broker stalled under that). Expired messages go through the
+            # default exchange straight to this channel's due queue, never through
+            # the topic exchange (which would fan the event out to every channel
+            # again) and never behind new work in the work queue.
             queues.append(QueueSpec(n.retry_queue(channel, delay), {
-                "x-queue-type": "quorum",
+                "x-queue-type": "classic",
                 "x-message-ttl": round(delay * 1000),
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": n.due(channel),
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
             }))
             bindings.append(BindingSpec(n.retry, n.retry_queue(channel, delay),
                                         n.retry_key(channel, delay)))
