@@ -63,6 +63,11 @@ class PushChannel:
         waits = [await chain.unavailable_for() for chain in self.chains.values()]
         return min(waits) if waits else 0.0
 
+    def wanted_inflight(self, floor: int, ceiling: int) -> int:
+        """Messages in flight that keep every platform's service at its cap."""
+        return min(ceiling, max([floor, *(chain.wanted_inflight(floor, ceiling)
+                                          for chain in self.chains.values())]))
+
     async def aclose(self) -> None:
         """Release every provider's connections."""
         for chain in self.chains.values():

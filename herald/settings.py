@@ -278,6 +278,9 @@ class Settings(BaseSettings):
     hash_wait: Duration = Field(default=2.0, gt=0, le=3600)
     prefetch: int = Field(default=10, ge=1, le=10_000)
     concurrency: int = Field(default=10, ge=1, le=10_000)
+    #: The most messages a worker handles at once when a slow provider needs more than
+    #: ``concurrency`` to reach its rate cap (in flight = rate x latency).
+    max_concurrency: int = Field(default=200, ge=1, le=10_000)
     shutdown_timeout: Duration = 10.0
     relay_interval: Duration = 0.2
     relay_batch: int = Field(default=100, ge=1, le=10_000)

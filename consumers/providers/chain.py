@@ -23,6 +23,7 @@ from purgatory.domain.model import OpenedState
 
 from consumers.providers.base import Provider
 from consumers.ratelimit import RateLimiter
+from consumers.slots import wanted_inflight
 from herald.errors import (
     ChannelDown,
     Deferred,
@@ -56,6 +57,9 @@ class ProviderChain(Generic[M]):
         self.providers = providers
         self.limiter = limiter
         self.cooldown = cooldown
+        #: The first provider's answer time (handed over → accepted), smoothed; None
+        #: before the first send.
+        self.latency: float | None = None
         self._breakers = AsyncCircuitBreakerFactory(
             default_threshold=threshold, default_ttl=cooldown,
             exclude=[PermanentError, Deferred, RecipientError])
@@ -80,8 +84,12 @@ class ProviderChain(Generic[M]):
         for provider in self.providers:
             breaker = await self._breakers.get_breaker(provider.name)
 
-            async def gate(name: str = provider.name) -> None:
+            handed_at: list[float] = []
+
+            async def gate(name: str = provider.name, handed_at: list[float] = handed_at
+                           ) -> None:
                 await self.limiter.acquire(name)
+                handed_at.append(time.monotonic())
                 if handover is not None:
                     handover.set()
 
@@ -89,6 +97,8 @@ class ProviderChain(Generic[M]):
                 async with breaker:
                     with SEND_SECONDS.labels(self.channel, provider.name).time():
                         await provider.send(message, gate)
+                if handed_at and provider is self.providers[0]:
+                    self._observe(time.monotonic() - handed_at[0])
                 return provider.name
             except OpenedState:
                 continue
@@ -112,6 +122,17 @@ class ProviderChain(Generic[M]):
         # a rate limit only if every provider said so; otherwise a real failure
         real = [f for f in failures if not isinstance(f, RateLimited)]
         raise real[-1] if real else failures[-1]
+
+    def _observe(self, seconds: float) -> None:
+        # An exponentially weighted mean: follows a provider that slows down within a
+        # few dozen messages without jumping at one slow answer.
+        self.latency = seconds if self.latency is None else 0.9 * self.latency + 0.1 * seconds
+
+    def wanted_inflight(self, floor: int, ceiling: int) -> int:
+        """Messages to have in flight to keep the first provider at its cap (see
+        :mod:`consumers.slots`)."""
+        return wanted_inflight(self.limiter.per_second(self.providers[0].name), self.latency,
+                               floor, ceiling)
 
     async def unavailable_for(self) -> float:
         """0 when some provider may be tried now; else seconds until the first cooldown ends."""
