@@ -66,6 +66,10 @@ class SmsChannel:
         """Seconds until some SMS provider may be tried again (0: now)."""
         return await self.providers.unavailable_for()
 
+    def wanted_inflight(self, floor: int, ceiling: int) -> int:
+        """Messages in flight that keep the provider at its cap (rate x latency)."""
+        return self.providers.wanted_inflight(floor, ceiling)
+
     async def aclose(self) -> None:
         """Release the providers' connections."""
         await self.providers.aclose()
