@@ -88,13 +88,19 @@ def worker_command() -> list[str]:
 
 
 class WorkerProcess:
-    """One email worker process in its own session, its output in a log file."""
+    """One email worker process in its own session, its output in a log file.
 
-    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+    ``command`` runs something else the same way (a Celery or Dramatiq worker in the
+    throughput comparison); without ``HERALD_WORKER_METRICS_PORT`` it has no metrics.
+    """
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path,
+                 command: Sequence[str] | None = None) -> None:
         self.name = name
         self.env = env
         self.log_path = log_path
-        self.metrics_port = int(env["HERALD_WORKER_METRICS_PORT"])
+        self.command = list(command) if command is not None else worker_command()
+        self.metrics_port = int(env.get("HERALD_WORKER_METRICS_PORT", "0"))
         self.process: asyncio.subprocess.Process | None = None
         self.exit_code: int | None = None
 
@@ -102,13 +108,20 @@ class WorkerProcess:
         """Spawn it (its own session: a Ctrl-C on the bench reaches it only through us)."""
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                *worker_command(), env=self.env, cwd=REPO, stdin=asyncio.subprocess.DEVNULL,
+                *self.command, env=self.env, cwd=REPO, stdin=asyncio.subprocess.DEVNULL,
                 stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
 
     @property
     def running(self) -> bool:
         """Started and not exited."""
         return self.process is not None and self.process.returncode is None
+
+    def pids(self) -> list[int]:
+        """Its pid and every live pid below it (``uv run`` starts Python as a child)."""
+        if not self.running:
+            return []
+        assert self.process is not None
+        return [self.process.pid, *descendants(self.process.pid)]
 
     def log(self) -> str:
         """Everything it printed so far."""

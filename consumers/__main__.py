@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import weakref
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -37,10 +38,21 @@ from herald.errors import ConfigError, HeraldError
 from herald.logs import setup_logging, setup_sentry
 from herald.metrics import serve as serve_metrics
 from herald.settings import Settings, load_settings
+from herald.supervisor import die_with_parent
 from topology.live import LiveHub
 
 log = logging.getLogger("herald.worker")
 CHANNELS = ("email", "in_app", "push", "sms")
+#: Live hubs the builders opened: :func:`run_channel` sees each closed before it
+#: returns. An AMQP close still under way when ``asyncio.run`` cancels what is left
+#: never completes (aiormq's own tasks are cancelled with it): the process hung.
+_hubs: weakref.WeakSet[LiveHub] = weakref.WeakSet()
+
+
+def _live_hub(settings: Settings) -> LiveHub:
+    hub = LiveHub(settings)
+    _hubs.add(hub)
+    return hub
 
 
 async def build_email_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
@@ -55,7 +67,7 @@ async def build_email_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     store = DeliveryStore(engine, lease=2 * settings.smtp_timeout + 5)
     handler = EmailChannel(chain, Renderer(settings.templates_dir), store, settings.email_from,
                            Policy(store, settings.recipient_limit))
-    return Worker(settings, handler), engine
+    return Worker(settings, handler, engine), engine
 
 
 async def build_in_app_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
@@ -64,11 +76,11 @@ async def build_in_app_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     await init_db(engine)
     # No provider timeout bounds a DB insert; the lease only has to outlast one.
     store = DeliveryStore(engine, lease=30)
-    live = LiveHub(settings)
+    live = _live_hub(settings)
     prefs = preference_store(settings, store)
     handler = InAppChannel(Renderer(settings.templates_dir), store,
                            Policy(store, settings.recipient_limit, digests=False), prefs, live)
-    worker = Worker(settings, handler)
+    worker = Worker(settings, handler, engine)
     worker.background.append(partial(prefs.listen, live))
     return worker, engine
 
@@ -133,8 +145,8 @@ async def build_push_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     prefs = preference_store(settings, store)
     handler = PushChannel(push_chains(settings), Renderer(settings.templates_dir), store,
                           prefs, Policy(store, settings.recipient_limit, digests=False))
-    worker = Worker(settings, handler)
-    live = LiveHub(settings)
+    worker = Worker(settings, handler, engine)
+    live = _live_hub(settings)
     worker.background.append(partial(prefs.listen, live))
     worker.background.append(partial(_close_after, live))
     return worker, engine
@@ -154,19 +166,24 @@ async def build_sms_worker(settings: Settings) -> tuple[Worker, AsyncEngine]:
     handler = SmsChannel(chain, Renderer(settings.templates_dir), store, prefs,
                          settings.sms_max_segments,
                          Policy(store, settings.recipient_limit, digests=False))
-    worker = Worker(settings, handler)
-    live = LiveHub(settings)
+    worker = Worker(settings, handler, engine)
+    live = _live_hub(settings)
     worker.background.append(partial(prefs.listen, live))
     worker.background.append(partial(_close_after, live))
     return worker, engine
 
 
 async def _close_after(live: LiveHub) -> None:
-    """Hold until the worker cancels its side jobs, then close ``live``."""
+    """Hold until the worker cancels its side jobs, then close ``live``.
+
+    The worker awaits its side jobs after cancelling them (``Worker.run``), so
+    the close completes inside the worker's own shutdown, not during
+    ``asyncio.run``'s final cancellation, where an AMQP close never finishes.
+    """
     try:
         await asyncio.Event().wait()
     finally:
-        await live.aclose()
+        await asyncio.wait_for(live.aclose(), 5)
 
 
 BUILDERS: dict[str, Callable[[Settings], Awaitable[tuple[Worker, AsyncEngine]]]] = {
@@ -199,21 +216,36 @@ async def run_channel(settings: Settings, channel: str) -> Worker:
     if build is None:
         raise ConfigError(f"no worker for channel {channel!r} yet; available: "
                           f"{', '.join(BUILDERS)}")
-    worker, engine = await build(settings)
-    serve_metrics(settings.worker_metrics_port)
+    # Before building: a SIGTERM while the database is set up stops the worker
+    # cleanly (exit 0) instead of killing the process half-way.
+    stopping = asyncio.Event()
+    worker: Worker | None = None
+
+    def stop() -> None:
+        stopping.set()
+        if worker is not None:
+            worker.stop()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+        loop.add_signal_handler(sig, stop)
+    known = set(_hubs)
+    worker, engine = await build(settings)
     try:
-        await worker.run()
+        serve_metrics(settings.worker_metrics_port)
+        if not stopping.is_set():
+            await worker.run()
     finally:
+        for hub in [hub for hub in _hubs if hub not in known]:
+            await hub.aclose()
         await engine.dispose()
     log.info("worker stopped: %s", worker.stats)
     return worker
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m consumers email`` (or ``in_app``)."""
+    """Entry point: ``python -m consumers email`` (or ``in_app``, ``push``, ``sms``)."""
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m consumers")
     parser.add_argument("channel", choices=CHANNELS)
     args = parser.parse_args(argv)

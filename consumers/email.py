@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import formatdate
 from typing import Any
 
 from consumers.deliveries import DeliveryStore
+from consumers.mime import Mailbox, OutgoingEmail, date_header
 from consumers.policy import Policy
+from consumers.providers.base import Mail
 from consumers.providers.chain import ProviderChain
 from consumers.templates import Renderer
 from consumers.units import distinct_users, recipient_of
-from herald.errors import DeliveryFailure, PermanentError
+from herald.errors import ConfigError, DeliveryFailure, PermanentError
 from herald.metrics import DELIVERIES
 from topology.envelope import Envelope, Recipient
 
@@ -28,29 +27,37 @@ class EmailChannel:
 
     name = CHANNEL
 
-    def __init__(self, providers: ProviderChain[EmailMessage], renderer: Renderer,
+    def __init__(self, providers: ProviderChain[Mail], renderer: Renderer,
                  store: DeliveryStore, sender: str, policy: Policy | None = None) -> None:
         self.providers = providers
         self.renderer = renderer
         self.store = store
         self.sender = sender
+        try:
+            self._from = Mailbox.parse(sender)
+        except ValueError as exc:
+            raise ConfigError(f"HERALD_EMAIL_FROM: {exc}") from None
         self.policy = policy or Policy(store, None)
 
     async def unavailable_for(self) -> float:
         """Seconds until some provider may be tried again (0: now)."""
         return await self.providers.unavailable_for()
 
+    def wanted_inflight(self, floor: int, ceiling: int) -> int:
+        """Messages in flight that keep the provider at its cap (rate x latency)."""
+        return self.providers.wanted_inflight(floor, ceiling)
+
     async def aclose(self) -> None:
         """Release the providers' connections."""
         await self.providers.aclose()
 
-    def compose(self, envelope: Envelope, recipient: Recipient) -> EmailMessage:
-        """The multipart (text + HTML) email; raises ``PermanentError`` if it cannot be built."""
-        message = self._render(envelope.type, self._context(envelope, recipient),
-                               recipient.name or "", str(recipient.email), recipient.user_id)
-        message["Message-ID"] = f"<{envelope.id}.{recipient.user_id}@herald>"
-        message["X-Herald-Event"] = f"{envelope.type} {envelope.id}"
-        return message
+    def compose(self, envelope: Envelope, recipient: Recipient) -> OutgoingEmail:
+        """The email (text, and HTML when the template has it); raises ``PermanentError``
+        if it cannot be built."""
+        return self._render(envelope.type, self._context(envelope, recipient),
+                            recipient.name or "", str(recipient.email), recipient.user_id,
+                            (("Message-ID", f"<{envelope.id}.{recipient.user_id}@herald>"),
+                             ("X-Herald-Event", f"{envelope.type} {envelope.id}")))
 
     @staticmethod
     def _context(envelope: Envelope, recipient: Recipient) -> dict[str, Any]:
@@ -58,22 +65,19 @@ class EmailChannel:
                 "actor": envelope.actor, "occurred_at": envelope.occurred_at}
 
     def _render(self, template: str, context: dict[str, Any], name: str, address: str,
-                who: str) -> EmailMessage:
+                who: str, headers: tuple[tuple[str, str], ...]) -> OutgoingEmail:
         subject = self.renderer.render(CHANNEL, template, "subject", context)
         text = self.renderer.render(CHANNEL, template, "txt", context)
-        message = EmailMessage()
-        message["Subject"] = " ".join(subject.split())
-        message["From"] = self.sender
+        html = (self.renderer.render(CHANNEL, template, "html", context)
+                if self.renderer.has(CHANNEL, template, "html") else None)
         try:
-            message["To"] = Address(display_name=name, addr_spec=address)
-        except (ValueError, IndexError) as exc:
-            raise PermanentError(f"cannot address {who}: {exc}") from None
-        message["Date"] = formatdate(localtime=False)
-        message.set_content(text)
-        if self.renderer.has(CHANNEL, template, "html"):
-            message.add_alternative(self.renderer.render(CHANNEL, template, "html", context),
-                                    subtype="html")
-        return message
+            # OutgoingEmail instead of EmailMessage: the default policy's header objects,
+            # set_content and flattening were 14-23% of the worker's time in the profile.
+            return OutgoingEmail(sender=self._from, recipient=Mailbox(address, name),
+                                 subject=subject, text=text, html=html,
+                                 headers=(date_header(), *headers))
+        except ValueError as exc:
+            raise PermanentError(f"cannot build the email to {who}: {exc}") from None
 
     async def tick(self) -> None:
         """Send a digest to each recipient whose held notifications may go out now."""
@@ -89,8 +93,9 @@ class EmailChannel:
                  "at": d.created_at} for d in items]}
             provider: str | None = None
             try:
-                message = self._render("digest", context, "", str(items[0].address), recipient)
-                message["Message-ID"] = f"<{token.split(':')[1]}.{recipient}@herald>"
+                message = self._render(
+                    "digest", context, "", str(items[0].address), recipient,
+                    (("Message-ID", f"<{token.split(':')[1]}.{recipient}@herald>"),))
                 provider = await self.providers.send(message)
                 log.info("digest of %d sent to %s via %s", len(items), recipient, provider)
             except DeliveryFailure as exc:

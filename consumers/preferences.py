@@ -167,11 +167,12 @@ class PreferenceStore:
         return True
 
     async def listen(self, hub: LiveHub, ready: asyncio.Event | None = None) -> None:
-        """Drop cached users as the API announces changes, until cancelled.
+        """Drop cached users as the API announces changes, until cancelled or ``hub`` closes.
 
-        Reconnects after a broker failure; meanwhile the TTL bounds staleness.
+        Reconnects after a broker failure (one warning per attempt); meanwhile
+        the TTL bounds staleness. Ends at once when cancelled.
         """
-        while True:
+        while not hub.closed:
             try:
                 async with hub.subscribe(USER_CHANGED_PATTERN, gaps=True) as changes:
                     if ready is not None:
@@ -186,6 +187,8 @@ class PreferenceStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if hub.closed:
+                    return
                 log.warning("cache invalidations unavailable (%s); relying on the TTL", exc)
                 await asyncio.sleep(5)
 

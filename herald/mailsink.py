@@ -149,7 +149,9 @@ def main() -> None:
     """Entry point used by ``herald run``."""
     from herald.logs import setup_logging
     from herald.settings import load_settings
+    from herald.supervisor import die_with_parent
 
+    die_with_parent()
     settings = load_settings()
     setup_logging(settings.log_level, "mailsink")
     with contextlib.suppress(KeyboardInterrupt):

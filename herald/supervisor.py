@@ -1,13 +1,16 @@
-"""``herald run``: the API, the outbox relay and the email worker as one supervised tree.
+"""``herald run``: the API, the outbox relay, the channel workers as one supervised tree.
 
 Each part is its own process (``python -m producer.api`` …), started in its
 own session so that Ctrl-C reaches only the supervisor, which then stops the
 children in order, with a bound. A child that dies is restarted with backoff.
+A child whose supervisor dies, however it dies (SIGKILL included), gets
+SIGTERM and stops as if asked: see :func:`die_with_parent`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -19,6 +22,38 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("herald.run")
 _MAX_BACKOFF = 30.0
+#: The supervisor's pid, in every child's environment: the parent it must not outlive.
+PARENT_PID_ENV = "HERALD_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """Make the supervisor's death a SIGTERM to this process; call first thing in a child's main().
+
+    A no-op unless ``HERALD_PARENT_PID`` is set (a process started on its
+    own has no supervisor to follow). On Linux, ``prctl(PR_SET_PDEATHSIG)``
+    asks the kernel for the signal when the parent exits; elsewhere nothing
+    is armed. Either way, a parent already gone by now (it died before the
+    signal was armed, and this process was handed to another parent) means
+    SIGTERM at once. The process's own SIGTERM handling then stops it
+    cleanly; before it installs any, SIGTERM simply ends it.
+
+    Done here, in the child, rather than in a ``preexec_fn`` of the spawn:
+    code between fork and exec in a process with threads (asyncio's child
+    watchers are threads) can deadlock.
+    """
+    expected = os.environ.get(PARENT_PID_ENV, "")
+    if not expected.isdigit():
+        return
+    if sys.platform.startswith("linux"):
+        with suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+                log.warning("cannot ask to be stopped with the supervisor: %s",
+                            os.strerror(ctypes.get_errno()))
+    # After arming, not before: a parent that died in between is caught here.
+    if os.getppid() != int(expected):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -34,9 +69,10 @@ class Child:
     backoff: float = field(default=1.0)
 
     async def start(self) -> None:
-        """Spawn the process."""
+        """Spawn the process (told our pid, so that it stops when we die)."""
+        env = {**self.env, PARENT_PID_ENV: str(os.getpid())}
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", *self.module, env=self.env, start_new_session=True)
+            sys.executable, "-m", *self.module, env=env, start_new_session=True)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 

@@ -8,13 +8,22 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from herald.errors import DatabaseUnavailable
 from herald.settings import Settings
 from topology.live import LiveHub, user_changed_key
 
 
 def get_sessions(request: Request) -> async_sessionmaker[AsyncSession]:
-    """The app's session factory (made by the lifespan)."""
-    factory: async_sessionmaker[AsyncSession] = request.app.state.sessions
+    """The app's session factory (made by the lifespan).
+
+    Raises:
+        DatabaseUnavailable: the database was unreachable at start-up and the
+            schema is not set up yet (the API answers 503).
+    """
+    factory: async_sessionmaker[AsyncSession] | None = getattr(
+        request.app.state, "sessions", None)
+    if factory is None:
+        raise DatabaseUnavailable("the database schema is not set up yet")
     return factory
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import socket
 import time
 from email.message import EmailMessage
@@ -13,6 +15,7 @@ import httpx
 import pytest
 
 from consumers.email import EmailChannel
+from consumers.mime import OutgoingEmail
 from consumers.providers.http import retry_after
 from consumers.providers.sendgrid import SendGridProvider, to_sendgrid
 from consumers.templates import Renderer
@@ -25,15 +28,21 @@ KEY = "SG.test-key.s3cret-part"
 ADA = "ada@example.com"
 
 
-def compose(subject_override: str | None = None, cc: str | None = None) -> EmailMessage:
-    """The multipart email the email channel builds for a user.signup event."""
+def compose(subject_override: str | None = None, cc: str | None = None, *,
+            parsed: bool = False) -> OutgoingEmail | EmailMessage:
+    """The multipart email the email channel builds for a user.signup event: as built
+    (an ``OutgoingEmail``), or parsed from its bytes into an ``EmailMessage`` to change."""
     channel = EmailChannel(providers=None,  # type: ignore[arg-type]
                            renderer=Renderer(REPO_ROOT / "templates"),
                            store=None,  # type: ignore[arg-type]
                            sender="herald <no-reply@herald.local>")
     envelope = Envelope(id="evt-123", type="user.signup", actor=Actor(id="u1"),
                         recipients=[Recipient(user_id="u1", email=ADA, name="Ada Lovelace")])
-    message = channel.compose(envelope, envelope.recipients[0])
+    outgoing = channel.compose(envelope, envelope.recipients[0])
+    if subject_override is None and cc is None and not parsed:
+        return outgoing
+    message = email.message_from_bytes(outgoing.as_bytes(), policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
     if subject_override is not None:
         message.replace_header("Subject", subject_override)
     if cc is not None:
@@ -88,7 +97,8 @@ def test_text_only_email_and_cc() -> None:
 
 
 def test_attachments_are_base64() -> None:
-    message = compose()
+    message = compose(parsed=True)
+    assert isinstance(message, EmailMessage)
     message.add_attachment(b"%PDF-1", maintype="application", subtype="pdf",
                            filename="receipt.pdf")
 

@@ -19,7 +19,7 @@ async def test_signup_reaches_the_inbox(
     async with api_client(settings) as api, relay(settings), email_worker(settings):
         # When a user signs up
         response = await api.post("/signup", json={
-            "email": "Ada@Example.com", "password": "correct horse", "name": "Ada <b>L</b>"})
+            "email": "Ada@Example.com", "password": "correct horse", "name": 'Ada & "L"'})
         assert response.status_code == 201, response.text
         # Then exactly one welcome email arrives, multipart, HTML escaped
         async with asyncio.timeout(10):
@@ -27,9 +27,9 @@ async def test_signup_reaches_the_inbox(
     assert len(messages) == 1
     mail = messages[0]
     assert mail["To"].addresses[0].addr_spec == "ada@example.com"
-    assert mail["Subject"] == "Welcome to herald, Ada <b>L</b>"
+    assert mail["Subject"] == 'Welcome to herald, Ada & "L"'
     html = mail.get_body(("html",)).get_content()
     text = mail.get_body(("plain",)).get_content()
-    assert "Ada &lt;b&gt;L&lt;/b&gt;" in html and "<b>L</b>" not in html
-    assert "Ada <b>L</b>" in text
+    assert "Ada &amp; &#34;L&#34;" in html and 'Ada & "L"' not in html
+    assert 'Ada & "L"' in text
     assert response.json()["event_id"] in mail["Message-ID"]

@@ -177,6 +177,7 @@ class LiveHub:
         self._publish_channel: AbstractRobustChannel | None = None
         self._retry_at = 0.0
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
         self._subscriptions: set[Subscription] = set()
 
     # --- connection ---------------------------------------------------------------------
@@ -345,8 +346,25 @@ class LiveHub:
 
     # --- lifecycle ----------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` was called: no new subscription or publish."""
+        return self._closed
+
     async def aclose(self) -> None:
-        """End every subscription and close the connection if one was opened; idempotent."""
+        """End every subscription and close the connection if one was opened; idempotent.
+
+        Every call waits for one close, bounded by :data:`CLOSE_TIMEOUT` per
+        step. The close runs in a task of its own: a caller cancelled while
+        it waits stops waiting at once, and the close goes on (an AMQP close
+        interrupted half-way, as ``asyncio.run`` does to what is left at its
+        end, never completes: the process hung on exit).
+        """
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         async with self._lock:
             self._closed = True
             connection, self._connection = self._connection, None

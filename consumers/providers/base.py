@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeAlias, TypeVar
+
+from consumers.mime import OutgoingEmail
 
 #: Awaited by a provider right before it hands the message over (after any
 #: connection set-up), so a rate limit spaces what the provider receives, not
@@ -28,7 +30,10 @@ class Provider(Protocol[M_contra]):
         """Hand ``message`` to the provider (after awaiting ``gate``); return once accepted."""
 
 
-EmailProvider = Provider[EmailMessage]
+#: What an email provider takes: what the email channel builds (``OutgoingEmail``, cheap
+#: bytes) or any ``EmailMessage`` (tests, scripts and other callers).
+Mail: TypeAlias = OutgoingEmail | EmailMessage
+EmailProvider = Provider[Mail]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,13 +8,13 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
-from consumers.providers.base import Gate
+from consumers.mime import OutgoingEmail
+from consumers.providers.base import Gate, Mail
 from herald.errors import PermanentError, RateLimited, RecipientError, TransientError
 
 # "rate" only at the start of a word: "generated" or "separate" is no rate limit, and a
@@ -152,10 +152,13 @@ class SmtpProvider:
         else:
             client.close()
 
-    async def send(self, message: EmailMessage, gate: Gate | None = None) -> None:
+    async def send(self, message: Mail, gate: Gate | None = None) -> None:
         """Deliver over a pooled SMTP session; raises our error classes only (see
         :func:`classify`).
 
+        An ``OutgoingEmail`` goes as its own bytes (7-bit clean, so no 8BITMIME
+        needed), MAIL FROM its sender's address, RCPT TO its recipient's; an
+        ``EmailMessage`` is flattened by aiosmtplib, envelope taken from its headers.
         ``gate`` is awaited once the session is up (greeting, TLS, login) and
         before MAIL FROM, so connection set-up time does not bunch deliveries.
         """
@@ -164,7 +167,11 @@ class SmtpProvider:
             client = await self._checkout()
             if gate is not None:
                 await gate()
-            await client.send_message(message)
+            if isinstance(message, OutgoingEmail):
+                await client.sendmail(message.sender.address, [message.recipient.address],
+                                      message.as_bytes())
+            else:
+                await client.send_message(message)
         except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused) as exc:
             # The server answered a transaction command: the session is fine (aiosmtplib
             # sent RSET), except after a 421 (the server is closing it) or a refused
