@@ -217,9 +217,9 @@ async def _crash_count_survives(connection: AbstractRobustConnection, settings: 
     # When a worker finds the claim held, it defers the message …
     async with email_worker(settings) as worker:
         await eventually(lambda: worker.stats["deferred"] >= 1, timeout=10)
-    # … and the copy back from the tier still counts the earlier death
+    # … and the copy back from the tier (in the due queue) still counts the earlier death
     ch = await connection.channel()
-    queue = await ch.get_queue(names.work("email"))
+    queue = await ch.get_queue(names.due("email"))
     message = await eventually(lambda: queue.get(no_ack=False, fail=False), timeout=10)
     assert message.headers[H_DELIVERIES] == 1
     # When that copy dies too (returned unacked, as by a kill -9)

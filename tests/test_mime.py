@@ -59,6 +59,8 @@ CASES = {
     "long accented subject": Case("Ada", "é " * 300, "x\n"),
     "subject of one long word": Case("Ada", "x" * 1200, "x\n"),
     "long cjk subject": Case("Ada", "日本語の件名" * 40, "x\n"),
+    "long emoji subject": Case("Ada", "🎉" * 40, "x\n"),
+    "long name without spaces": Case("x" + "é" * 60, "Hi", "x\n", split_name=True),
     "comma": Case("Lovelace, Ada", "Hi", "x\n"),
     "quotes": Case('Ada "the Countess" Lovelace', "Hi", "x\n"),
     "at sign": Case("ada@example.org", "Hi", "x\n"),
@@ -191,10 +193,11 @@ async def test_the_server_receives_what_the_emailmessage_build_sent(
     [to] = new["To"].addresses
     assert to.addr_spec == ADDRESS
     if case.split_name:
-        # an RFC 2047 decoder reads the name exactly; headerregistry doubles a space
+        # an RFC 2047 decoder reads the name exactly; headerregistry adds a space
+        # where one encoded word follows another
         assert str(make_header(decode_header(raw_header(raw, "To").rsplit(" <", 1)[0]))) \
             == case.name
-        assert " ".join(to.display_name.split()) == " ".join(case.name.split())
+        assert to.display_name.replace(" ", "") == case.name.replace(" ", "")
     else:
         assert to.display_name == case.name
     assert structure(new) == structure(old)
